@@ -1,0 +1,22 @@
+"""lorakit: LoRA and QLoRA fine-tuning for PyTorch models.
+
+    h = W0·x + (alpha/r)·B·(A·x)      W0 frozen, A: r×k random, B: d×r zero at start
+"""
+from lorakit.adapters import (active_adapters, combine_adapters, delete_adapter, disable_adapters, set_adapter,
+                              switch_merged_adapter)
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterFileError, ConfigError, DataError, LorakitError, ModelLoadError
+from lorakit.inject import (find_targets, inject, merge, merge_and_unload, summary, trainable_parameters, unload,
+                            unmerge)
+from lorakit.io import load_adapter, read_adapter, save_adapter, write_adapter
+from lorakit.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, LoraMergedLinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig", "inject", "find_targets", "trainable_parameters", "summary", "merge", "unmerge",
+    "merge_and_unload", "unload", "set_adapter", "active_adapters", "disable_adapters", "delete_adapter",
+    "switch_merged_adapter", "combine_adapters", "save_adapter", "load_adapter", "read_adapter", "write_adapter",
+    "LoraLayer", "LoraLinear", "LoraMergedLinear", "LoraEmbedding", "LoraConv",
+    "LorakitError", "ConfigError", "DataError", "AdapterFileError", "ModelLoadError",
+]
