@@ -41,7 +41,8 @@ class LoraLinear(LoraLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()
         # The fused kernel needs W0 in (d, k) layout as a float tensor: plain nn.Linear only.
-        self._fusable = isinstance(base_layer, nn.Linear) and not self.fan_in_fan_out
+        self._fusable = (isinstance(base_layer, nn.Linear) and not self.fan_in_fan_out
+                         and type(base_layer.weight) in (torch.Tensor, nn.Parameter))
 
     # ---------------------------------------------------------------- creation
     def _create(self, name: str, r: int) -> None:
