@@ -268,8 +268,22 @@ def summary(model: nn.Module) -> str:
 
 
 # ---------------------------------------------------------------------------- merging and unwrapping
+def _untie_shared_weights(model: nn.Module) -> None:
+    # A merged weight that another module shares (GPT-2's wte is also lm_head) would change that module
+    # too; give the LoRA layer its own copy first so only the adapted layer sees the update.
+    owners = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
+    for _, layer in lora_layers(model):
+        w = layer.base_layer.weight
+        if owners[id(w)] > 1 and type(w) is nn.Parameter:
+            layer.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+
+
 def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
-    """Folds the given (default: active) adapters into the base weights, in fp32; returns the model."""
+    """Folds the given (default: active) adapters into the base weights, in fp32; returns the model.
+
+    A base weight tied to another module (e.g. an embedding shared with the output head) is untied first.
+    """
+    _untie_shared_weights(model)
     for _, layer in lora_layers(model):
         layer.merge(adapter_names)
     return model
@@ -283,6 +297,8 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def _replace_wrappers(model: nn.Module, do_merge: bool) -> nn.Module:
+    if do_merge:
+        _untie_shared_weights(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
             if do_merge:
