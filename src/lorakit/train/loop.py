@@ -1,0 +1,357 @@
+"""The training loop's pieces, as plain functions: optimizer, schedule, data order, step, eval, faults.
+
+    examples --batch_order(seed, epoch)--> micro-batches --train_step--> AdamW step (LoRA+ groups) + LR schedule
+                                                                         |  NaN/Inf loss -> StepResult.finite=False
+    held-out records --greedy_generate--> answers --normalize/compare--> accuracy per task
+    held-out examples --evaluate_loss--> mean loss per target token
+
+The recipe that composes them top to bottom is `lorakit.train.recipe.train`. Nothing here writes files.
+Data order depends only on (seed, epoch), so a run resumed at (epoch, batch index) sees the same batches as
+an uninterrupted one; `rng_state` / `set_rng_state` carry the python, numpy and torch generators (dropout).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.train.data import IGNORE_INDEX, answer_matches, collate, render_prompt
+
+
+class TrainingDiverged(LorakitError):
+    """The loss (or a parameter or gradient) became NaN/Inf."""
+
+
+# ---------------------------------------------------------------------------------------------- processes
+def dist_env() -> tuple[int, int]:
+    """Returns (rank, world_size) from torchrun's environment; (0, 1) for a plain process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    """Returns True on rank 0, the only process that prints progress and writes files."""
+    return dist_env()[0] == 0
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Returns the python, numpy and torch RNG states as data `torch.load(weights_only=True)` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restores the RNG states captured by rng_state."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+def is_lora_b(name: str) -> bool:
+    """Returns True for a LoRA B factor (the matrix LoRA+ trains at a larger learning rate)."""
+    return ".lora_B." in name or name.endswith(".lora_B") or ".lora_embedding_B." in name
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, lora_plus_ratio: float = 1.0) -> list[dict]:
+    """Returns AdamW param groups over trainable parameters: B factors at lr * lora_plus_ratio, the rest at lr."""
+    groups = {"default": [], "lora_B": []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups["lora_B" if lora_plus_ratio != 1.0 and is_lora_b(name) else "default"].append(p)
+    out = [{"params": groups["default"], "lr": lr, "weight_decay": weight_decay, "name": "default"}]
+    if groups["lora_B"]:
+        out.append({"params": groups["lora_B"], "lr": lr * lora_plus_ratio, "weight_decay": weight_decay,
+                    "name": "lora_B"})
+    if not any(g["params"] for g in out):
+        raise LorakitError("the model has no trainable parameters; did the LoRA targets match any module?")
+    return [g for g in out if g["params"]]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, lora_plus_ratio: float = 1.0,
+                    betas: Sequence[float] = (0.9, 0.999)) -> torch.optim.AdamW:
+    """Returns AdamW over the trainable parameters (LoRA+ groups when lora_plus_ratio != 1)."""
+    return torch.optim.AdamW(param_groups(model, lr, weight_decay, lora_plus_ratio), lr=lr, betas=tuple(betas),
+                             weight_decay=weight_decay)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """Returns the LR multiplier at `step`: linear warmup to 1, then cosine decay to min_lr_ratio."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class _Schedule:
+    """A picklable lr_lambda (so scheduler.state_dict() holds its settings, not None)."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_lr_ratio: float):
+        self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.warmup_steps, self.total_steps, self.min_lr_ratio)
+
+
+def build_scheduler(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
+    """Returns a LambdaLR with warmup + cosine (step() once per optimizer step)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(warmup_steps, total_steps, min_lr_ratio))
+
+
+# ---------------------------------------------------------------------------------------------- data order
+def batch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Returns the epoch's global batches (lists of example indices) in a (seed, epoch)-determined order."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n_examples, generator=g).tolist()
+    return [perm[i:i + batch_size] for i in range(0, n_examples, batch_size)]
+
+
+def batches_per_epoch(n_examples: int, batch_size: int, world_size: int = 1) -> int:
+    """Returns how many optimizer micro-batches one epoch has for a global batch of batch_size*world_size."""
+    return max(1, math.ceil(n_examples / (batch_size * world_size)))
+
+
+def total_steps(n_examples: int, batch_size: int, grad_accum: int, max_steps: int | None, epochs: float,
+                world_size: int = 1) -> int:
+    """Returns the number of optimizer steps: max_steps, else ceil(epochs * batches per epoch / grad_accum)."""
+    if max_steps is not None:
+        return max_steps
+    return max(1, math.ceil(epochs * batches_per_epoch(n_examples, batch_size, world_size) / grad_accum))
+
+
+@dataclass
+class DataPosition:
+    """Where the data stream is: the next micro-batch is batch `index` of epoch `epoch`."""
+    epoch: int = 0
+    index: int = 0
+
+
+def iterate_batches(examples: Sequence[dict], batch_size: int, seed: int, position: DataPosition,
+                    pad_token_id: int, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
+    """Yields this rank's collated micro-batches forever from `position`, advancing it after each one.
+
+    A global batch of batch_size * world_size examples is cut into one slice per rank, so the examples that
+    make up a step do not depend on how many processes share it.
+    """
+    while True:
+        order = batch_order(len(examples), batch_size * world_size, seed, position.epoch)
+        while position.index < len(order):
+            idx = order[position.index][rank * batch_size:(rank + 1) * batch_size]
+            position.index += 1
+            if idx:
+                yield collate([examples[i] for i in idx], pad_token_id)
+        position.epoch, position.index = position.epoch + 1, 0
+
+
+# ---------------------------------------------------------------------------------------------- step
+def loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """Returns (sum of next-token cross-entropy over target tokens, number of target tokens)."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
+    targets = labels[:, 1:]
+    n = int((targets != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, n
+
+
+def first_nonfinite(model: nn.Module) -> str | None:
+    """Returns 'parameter X' or 'gradient of X' for the first trainable tensor holding NaN/Inf, else None."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and not torch.isfinite(p).all():
+            return f"parameter {name}"
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return f"gradient of {name}"
+    return None
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did."""
+    loss: float
+    target_tokens: int
+    input_tokens: int
+    grad_norm: float | None = None
+    finite: bool = True
+    bad: str | None = None  # the first parameter/gradient that went non-finite
+
+
+def train_step(model: nn.Module, micro_batches: Sequence[dict], optimizer, scheduler=None,
+               max_grad_norm: float | None = None) -> StepResult:
+    """Runs forward/backward over the micro-batches (gradient accumulation) and one optimizer step.
+
+    The loss is normalised by the step's total target tokens, so accumulating k micro-batches gives the
+    same update as one batch k times larger. A non-finite loss or gradient skips the update (grads are
+    zeroed, the scheduler still advances) and returns finite=False naming the first bad tensor.
+    """
+    model.train()
+    n_total = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+    input_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                       for b in micro_batches)
+    total, finite = 0.0, True
+    optimizer.zero_grad(set_to_none=True)
+    for batch in micro_batches:
+        loss, _ = loss_sum(model, batch)
+        if not torch.isfinite(loss):
+            finite = False
+            total = float("nan")
+            break
+        (loss / max(n_total, 1)).backward()
+        total += float(loss.detach())
+    grad_norm = None
+    bad = None
+    if finite:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+        finite = math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    else:
+        bad = first_nonfinite(model) or "the loss (parameters and gradients are finite)"
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    return StepResult(total / max(n_total, 1), n_total, input_tokens, grad_norm, finite, bad)
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, examples: Sequence[dict], batch_size: int, pad_token_id: int) -> float:
+    """Returns the mean cross-entropy per target token over `examples` (nan when there are none)."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        loss, k = loss_sum(model, collate(examples[i:i + batch_size], pad_token_id))
+        total, n = total + float(loss), n + k
+    model.train(was_training)
+    return total / n if n else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------- accuracy
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Returns the prompt's token ids exactly as training tokenizes its first segment."""
+    bos = tokenizer.bos_token or "\0"
+    return tokenizer(prompt, add_special_tokens=not prompt.startswith(bos), return_attention_mask=False)["input_ids"]
+
+
+@torch.no_grad()
+def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
+                    batch_size: int = 16) -> list[str]:
+    """Returns the greedy continuation of each prompt (batched, left-padded, special tokens stripped)."""
+    from transformers import GenerationConfig
+
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                              eos_token_id=tokenizer.eos_token_id)
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    # Similar lengths together: less padding, and left padding keeps every prompt's end aligned.
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    out: list[str] = [""] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        batch = collate([{"input_ids": encoded[i]} for i in chunk], pad, padding_side="left")
+        gen = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             generation_config=config)
+        for row, i in enumerate(chunk):
+            out[i] = tokenizer.decode(gen[row, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    model.train(was_training)
+    return out
+
+
+def evaluate_accuracy(model: nn.Module, tokenizer, records: Sequence[dict], template: str = "auto",
+                      system: str | None = None, batch_size: int = 16, max_new_tokens: int = 8) -> dict:
+    """Returns {accuracy, n, per_task: {task: {accuracy, n}}, samples}: exact match of greedy answers."""
+    prompts = [render_prompt(r, tokenizer, template, system) for r in records]
+    answers = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    per_task: dict[str, list[int]] = {}
+    samples = []
+    for r, a in zip(records, answers):
+        ok = answer_matches(a, r["output"])
+        per_task.setdefault(r.get("task", "all"), []).append(int(ok))
+        if len(samples) < 5:
+            samples.append({"input": r.get("input", ""), "expected": r["output"], "generated": a, "correct": ok})
+    hits = [h for v in per_task.values() for h in v]
+    return {"accuracy": sum(hits) / len(hits) if hits else float("nan"), "n": len(hits),
+            "per_task": {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(per_task.items())},
+            "samples": samples}
+
+
+# ---------------------------------------------------------------------------------------------- model setup
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turns on non-reentrant activation checkpointing that still backpropagates into LoRA on a frozen base."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise LorakitError(f"{type(model).__name__} does not support gradient checkpointing")
+    # use_reentrant=False: gradients flow to LoRA parameters inside a block even when the block's input
+    # (the frozen embedding output) does not require grad. enable_input_require_grads covers reentrant
+    # implementations a model may still force.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+
+
+# ---------------------------------------------------------------------------------------------- signals
+class StopRequest:
+    """Catches SIGINT/SIGTERM while training: the loop checkpoints at the next step boundary and exits.
+
+    A second signal of the same kind falls through to the default behaviour (immediate interrupt).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def name(self) -> str | None:
+        """Returns 'SIGINT' / 'SIGTERM' once a signal arrived, else None."""
+        return signal.Signals(self.signum).name if self.signum else None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

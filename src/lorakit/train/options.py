@@ -1,0 +1,305 @@
+"""Training options: ONE dataclass, loaded from YAML with `key=value` overrides; defaults = the default run.
+
+    TrainOptions()                                   the default run (`lorakit train` with no arguments)
+    load_options("run.yaml", ["lr=1e-4", "r=16"])    YAML file (yaml.safe_load), then overrides, type-checked
+
+Every LoraConfig field is an option too (flat: `r`, `lora_alpha`, `target_modules`...), so one YAML file holds
+a whole run. Unknown keys raise ConfigError with "did you mean"; values are coerced to the field's type
+("1e-4" -> 0.0001, "true" -> True, "q_proj,v_proj" -> ["q_proj", "v_proj"]) or rejected with a clear error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorakit.config import LoraConfig
+from lorakit.errors import ConfigError, did_you_mean
+
+# LoraConfig fields that are not user options: they are set from the run itself.
+_LORA_DERIVED = {"base_model_name_or_path", "revision", "inference_mode"}
+
+
+def _opt(default, help: str):
+    """Returns a dataclass field carrying its --help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainOptions:
+    """Everything a training run needs. Field order is the order of `lorakit train --help`."""
+
+    # -- model and data
+    model: str = _opt("default", "base model: 'default' (embedded SmolLM2-135M-Instruct), a transformers "
+                      "folder, a .gguf file, or a hub id")
+    data: str | None = _opt(None, "training data: JSON/JSONL (Alpaca or chat 'messages'), .txt, or a `datasets` "
+                            "folder; none = the embedded default instruction dataset")
+    eval_data: str | None = _opt(None, "held-out data for loss and accuracy; none = the embedded held-out split "
+                                 "(with the default data) or no eval (with --data)")
+    out: str | None = _opt(None, "output folder; none = runs/<YYYYmmdd-HHMMSS>")
+    resume: str | None = _opt(None, "'latest' (the newest complete checkpoint in --out, or the newest run in "
+                              "runs/), an output folder, or a checkpoint folder")
+    template: str = _opt("auto", "prompt template: auto (chat template when the tokenizer has one), chat, alpaca")
+    system: str | None = _opt(None, "system prompt for chat templates")
+    max_seq_len: int = _opt(256, "longest example in tokens; longer rows are truncated (and counted)")
+    train_on_inputs: bool = _opt(False, "also train on prompt tokens (default: loss on the response only)")
+    packing: bool = _opt(False, "pack several examples into each max_seq_len block")
+    skip_bad_rows: bool = _opt(False, "skip malformed data rows (and count them) instead of stopping")
+    eval_limit: int | None = _opt(None, "use at most this many held-out rows")
+    # -- optimization
+    max_steps: int | None = _opt(120, "optimizer steps; none = run `epochs` full epochs")
+    epochs: float = _opt(1.0, "epochs when max_steps is none")
+    batch_size: int = _opt(8, "examples per micro-batch (per device)")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    lr: float = _opt(5e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    adam_betas: list[float] = _opt([0.9, 0.999], "AdamW betas")
+    warmup_steps: int = _opt(10, "linear warmup steps before the cosine decay")
+    min_lr_ratio: float = _opt(0.0, "the cosine schedule ends at lr * min_lr_ratio")
+    lora_plus_ratio: float = _opt(1.0, "LoRA+: the B matrices learn at lr * ratio (1 = plain LoRA; paper: 16)")
+    max_grad_norm: float | None = _opt(1.0, "clip the gradient norm to this; none = no clipping")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory, ~30% slower)")
+    nan_policy: str = _opt("stop", "on a NaN/Inf loss: stop (keep the last good checkpoint) or skip the step")
+    seed: int = _opt(42, "seed for LoRA init, dropout and data order")
+    quantize: str = _opt("none", "quantize the frozen base: none or nf4 (QLoRA)")
+    # -- evaluation, checkpoints, logging
+    eval_every: int = _opt(0, "eval loss every N steps (0 = only at the end)")
+    save_every: int = _opt(50, "write a checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = _opt(2, "keep the newest N checkpoints (0 = keep all)")
+    baseline_eval: bool = _opt(True, "measure the un-tuned model's accuracy before training")
+    accuracy: bool = _opt(True, "measure generation accuracy (exact match) on the held-out data")
+    eval_batch_size: int = _opt(16, "prompts per generation batch")
+    max_new_tokens: int = _opt(8, "generation length limit for accuracy (answers are short)")
+    log_every: int = _opt(1, "write a metrics.jsonl line every N steps")
+    progress: bool = _opt(True, "show a progress bar")
+    # -- LoRA (every LoraConfig field; see lorakit.LoraConfig)
+    r: int = _opt(16, "LoRA rank")
+    lora_alpha: float = _opt(32, "LoRA alpha (update scale = alpha / r)")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA input")
+    target_modules: list[str] | str | None = _opt("all-linear", "modules to adapt: names, a regex, or all-linear")
+    exclude_modules: list[str] | str | None = _opt(None, "modules never to adapt")
+    layers_to_transform: list[int] | None = _opt(None, "adapt only these layer indices")
+    layers_pattern: list[str] | str | None = _opt(None, "name of the layer list (PEFT field)")
+    rank_pattern: dict[str, int] = _opt({}, "per-module ranks {pattern: r}")
+    alpha_pattern: dict[str, float] = _opt({}, "per-module alphas {pattern: alpha}")
+    init_lora_weights: str = _opt("kaiming", "LoRA init: kaiming, gaussian, pissa, olora, none")
+    use_rslora: bool = _opt(False, "rank-stabilized scale alpha / sqrt(r)")
+    use_dora: bool = _opt(False, "DoRA (weight-decomposed LoRA)")
+    bias: str = _opt("none", "train biases: none, all, lora_only")
+    modules_to_save: list[str] | None = _opt(None, "modules trained in full and saved with the adapter")
+    fan_in_fan_out: bool = _opt(False, "base weights stored (in, out) (GPT-2 Conv1D; detected automatically)")
+    enable_lora: dict[str, list[bool]] | None = _opt(None, "fused projections: {pattern: [True, False, True]}")
+    task_type: str | None = _opt("CAUSAL_LM", "PEFT task type written to adapter_config.json")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the first invalid option."""
+        def bad(name: str, why: str) -> None:
+            raise ConfigError(f"option {name}: {why}")
+
+        for name in ("batch_size", "grad_accum", "max_seq_len", "eval_batch_size", "max_new_tokens", "log_every"):
+            if getattr(self, name) < 1:
+                bad(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            bad("max_steps", f"must be >= 1 (or none to use epochs), got {self.max_steps}")
+        if self.epochs <= 0:
+            bad("epochs", f"must be > 0, got {self.epochs}")
+        if self.lr <= 0:
+            bad("lr", f"must be > 0, got {self.lr}")
+        if self.lora_plus_ratio <= 0:
+            bad("lora_plus_ratio", f"must be > 0, got {self.lora_plus_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            bad("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            bad("adam_betas", f"need two numbers in [0, 1), got {self.adam_betas}")
+        choices = {"nan_policy": ("stop", "skip"), "quantize": ("none", "nf4"),
+                   "template": ("auto", "chat", "alpaca")}
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                bad(name, f"must be one of {', '.join(allowed)}, got {value!r}.{did_you_mean(str(value), allowed)}")
+        self.lora_config()  # LoraConfig validates the LoRA fields
+
+    def lora_config(self) -> LoraConfig:
+        """Returns the LoraConfig these options describe."""
+        return LoraConfig(**{name: getattr(self, name) for name in lora_field_names()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the options as plain YAML-able data."""
+        return dataclasses.asdict(self)
+
+
+def lora_field_names() -> list[str]:
+    """Returns the LoraConfig fields that are training options."""
+    return [f.name for f in dataclasses.fields(LoraConfig) if f.name not in _LORA_DERIVED]
+
+
+def option_fields() -> list[dataclasses.Field]:
+    """Returns the TrainOptions fields in --help order."""
+    return list(dataclasses.fields(TrainOptions))
+
+
+_HINTS: dict[str, Any] = {}
+
+
+def _hint(name: str):
+    if not _HINTS:
+        _HINTS.update(typing.get_type_hints(TrainOptions))
+    return _HINTS[name]
+
+
+def _type_name(tp) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _coerce_to(value, tp, name: str):
+    """Returns `value` converted to the type `tp`, or raises TypeError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~", "")):
+            if type(None) in args:
+                return None
+        if isinstance(value, str) and str in args and any(typing.get_origin(a) is list for a in args):
+            # target_modules-like: "all-linear" and regexes stay strings; "q_proj" or "q_proj,v_proj" are lists
+            text = value.strip()
+            if text == "all-linear" or (not text.startswith("[") and any(c in text for c in "*+?^$()|\\")):
+                return text
+        errors = []
+        # Try non-str members first so "16" becomes an int and "q_proj,v_proj" a list before plain str.
+        for member in sorted((a for a in args if a is not type(None)), key=lambda a: a is str):
+            try:
+                return _coerce_to(value, member, name)
+            except TypeError as e:
+                errors.append(str(e))
+        raise TypeError(errors[-1] if errors else f"expected {_type_name(tp)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.strip().lower() in ("true", "yes", "on", "1")
+        raise TypeError(f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise TypeError(f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                raise TypeError(f"expected an integer, got {value!r}") from None
+            if f.is_integer():
+                return int(f)
+        raise TypeError(f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise TypeError(f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise TypeError(f"expected a string, got {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            text = value.strip()
+            value = yaml.safe_load(text) if text.startswith("[") else [v.strip() for v in text.split(",") if v.strip()]
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list, got {value!r}")
+        return [_coerce_to(v, args[0], name) for v in value] if args else value
+    if origin is dict:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise TypeError(f"expected a mapping like {{a: 1}}, got {value!r}") from None
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a mapping like {{a: 1}}, got {value!r}")
+        return {str(k): _coerce_to(v, args[1], name) for k, v in value.items()} if args else value
+    raise TypeError(f"unsupported option type {_type_name(tp)}")
+
+
+def coerce(name: str, value):
+    """Returns `value` converted to option `name`'s type; ConfigError for unknown names or wrong types."""
+    names = [f.name for f in option_fields()]
+    if name not in names:
+        raise ConfigError(f"unknown option {name!r}.{did_you_mean(name, names)} "
+                          f"(`lorakit train --help` lists every option)")
+    try:
+        return _coerce_to(value, _hint(name), name)
+    except TypeError as e:
+        raise ConfigError(f"option {name}: {e} (type: {_type_name(_hint(name))})") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Returns (name, value) from 'key=value'; ConfigError when it is not of that form."""
+    key, sep, value = text.partition("=")
+    key = key.strip().lstrip("-").replace("-", "_")
+    if not sep or not key:
+        raise ConfigError(f"expected key=value, got {text!r}")
+    return key, coerce(key, value)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Returns the options in a YAML (or JSON) file, coerced and checked."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f", line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"config file {p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: expected a mapping of option: value, got {type(data).__name__}")
+    out = {}
+    for key, value in data.items():
+        try:
+            out[str(key)] = coerce(str(key), value)
+        except ConfigError as e:
+            raise ConfigError(f"config file {p}: {e}") from None
+    return out
+
+
+def load_options(config: str | os.PathLike | None = None, overrides: list[str] | dict[str, Any] = (),
+                 base: dict[str, Any] | None = None) -> TrainOptions:
+    """Returns TrainOptions from defaults < base < the YAML file < overrides ('key=value' strings or a dict)."""
+    values: dict[str, Any] = {}
+    for key, value in (base or {}).items():
+        values[key] = coerce(key, value)
+    if config:
+        values.update(read_config_file(config))
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    for key, value in items:
+        values[key] = coerce(key, value)
+    return TrainOptions(**values)
+
+
+def dump_yaml(options: TrainOptions) -> str:
+    """Returns the options as YAML text that load_options reads back to equal options."""
+    # json round trip: plain lists/dicts only, so safe_load reads exactly what was written
+    return yaml.safe_dump(json.loads(json.dumps(options.to_dict())), sort_keys=False, default_flow_style=None)

@@ -1,0 +1,274 @@
+"""The LoRA fine-tuning recipe, top to bottom: what `lorakit train` runs.
+
+    load model -> (quantize) -> data -> baseline accuracy -> inject LoRA -> optimizer + schedule
+    -> (resume) -> steps [progress bar, metrics, eval, checkpoints, NaN and signal checks]
+    -> final eval + accuracy -> adapter, metrics.jsonl, plot.png, config.yaml, README.md
+
+Only rank 0 (see loop.dist_env) prints and writes files, so the same recipe can run under torchrun.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import time
+from pathlib import Path
+
+import torch
+
+from lorakit.errors import ConfigError, DataError
+from lorakit.train.checkpoint import find_latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from lorakit.train.loop import (DataPosition, StopRequest, TrainingDiverged, build_optimizer, build_scheduler,
+                                dist_env, enable_gradient_checkpointing, evaluate_accuracy, evaluate_loss,
+                                iterate_batches, seed_everything, total_steps, train_step)
+from lorakit.train.options import TrainOptions, dump_yaml
+from lorakit.train.report import MetricsLog, plot_metrics, write_readme
+
+RUNS = Path("runs")
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def default_out_dir() -> Path:
+    """Returns runs/<YYYYmmdd-HHMMSS> (with a suffix if that exists)."""
+    base = RUNS / time.strftime("%Y%m%d-%H%M%S")
+    out, i = base, 1
+    while out.exists():
+        out, i = Path(f"{base}-{i}"), i + 1
+    return out
+
+
+def resolve_resume(resume: str | None, out: str | None, log=print) -> tuple[Path | None, Path | None]:
+    """Returns (output folder, checkpoint folder) for --resume: 'latest', a run folder, or a checkpoint folder."""
+    if not resume:
+        return (Path(out) if out else None), None
+    if resume == "latest":
+        run = Path(out) if out else None
+        if run is None:
+            runs = sorted((p for p in RUNS.glob("*") if (p / "checkpoints").is_dir()), key=lambda p: p.stat().st_mtime)
+            if not runs:
+                raise ConfigError("--resume: no run with checkpoints in runs/; pass --out FOLDER of the run to resume")
+            run = runs[-1]
+    else:
+        run = Path(resume)
+        if not run.exists():
+            raise ConfigError(f"--resume: {run} does not exist")
+        if (run / "state.json").exists() or (run / "complete").exists():  # a checkpoint folder itself
+            return run.parent.parent, run
+    ckpt = find_latest_checkpoint(run, log)
+    if ckpt is None:
+        raise ConfigError(f"--resume: no complete checkpoint in {run / 'checkpoints'}")
+    return run, ckpt
+
+
+def load_data(o: TrainOptions, tokenizer, log=print) -> dict:
+    """Returns {train_records, eval_records, data_name, skipped} for the options (embedded default or files)."""
+    from lorakit.train.data import embedded_dataset, load_records
+
+    if o.data is None:
+        ds = embedded_dataset()
+        train, held, name, skipped = ds["train"], ds["eval"], "embedded default instruction dataset", 0
+    else:
+        loaded = load_records(o.data, skip_bad_rows=o.skip_bad_rows)
+        train, held, name, skipped = loaded.records, [], o.data, loaded.skipped
+        if skipped:
+            log(f"skipped {skipped} malformed row(s) in {o.data}")
+    if o.eval_data is not None:
+        loaded = load_records(o.eval_data, skip_bad_rows=o.skip_bad_rows)
+        held = loaded.records
+        if loaded.skipped:
+            log(f"skipped {loaded.skipped} malformed row(s) in {o.eval_data}")
+    if o.eval_limit is not None:
+        held = held[:o.eval_limit]
+    return {"train_records": train, "eval_records": held, "data_name": name, "skipped": skipped}
+
+
+def prepare_model(o: TrainOptions, log=print):
+    """Returns (model, tokenizer) loaded for the options, quantized when quantize=nf4."""
+    from lorakit.models import load_model
+
+    model, tokenizer = load_model(o.model)
+    if o.quantize == "nf4":
+        from lorakit.quant import quantize  # optional: needs bitsandbytes
+        model = quantize(model) or model
+    return model, tokenizer
+
+
+def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
+    """Runs the whole recipe for `o`; returns the results dict (also written to out/results.json)."""
+    import lorakit
+    from lorakit.train.data import pack_examples, tokenize_records
+
+    t_start = time.time()
+    rank, world = dist_env()
+    main = rank == 0
+    say = (console.print if console is not None else print) if main else (lambda *a, **k: None)
+    out, ckpt = resolve_resume(o.resume, o.out, say)
+    out = out or default_out_dir()
+    o.out = str(out)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_yaml(o), encoding="utf-8")
+    seed_everything(o.seed)
+
+    # -- model and data
+    say(f"loading model {o.model} ...")
+    model, tokenizer = prepare_model(o, say)
+    data = load_data(o, tokenizer, say)
+    train_ex, stats = tokenize_records(data["train_records"], tokenizer, template=o.template,
+                                       max_seq_len=o.max_seq_len, train_on_inputs=o.train_on_inputs, system=o.system)
+    if not train_ex:
+        raise DataError(f"{data['data_name']}: no training examples left after tokenization "
+                        f"({stats['dropped']} rows lost their whole response to max_seq_len={o.max_seq_len})")
+    if stats["truncated"] or stats["dropped"]:
+        say(f"{stats['truncated']} of {stats['rows']} rows were longer than max_seq_len={o.max_seq_len} and were "
+            f"truncated ({stats['dropped']} dropped: nothing of the response was left)")
+    if o.packing:
+        train_ex = pack_examples(train_ex, o.max_seq_len)
+    eval_ex, _ = tokenize_records(data["eval_records"], tokenizer, template=o.template, max_seq_len=o.max_seq_len,
+                                  system=o.system)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    n_steps = total_steps(len(train_ex), o.batch_size, o.grad_accum, o.max_steps, o.epochs, world)
+    do_acc = o.accuracy and bool(data["eval_records"])
+    acc_args = dict(template=o.template, system=o.system, batch_size=o.eval_batch_size, max_new_tokens=o.max_new_tokens)
+    metrics = MetricsLog(out, enabled=main)
+    results = {"options": o.to_dict(), "command": command or "lorakit train", "world_size": world,
+               "model_name": getattr(model.config, "_name_or_path", o.model),
+               "model_parameters": sum(p.numel() for p in model.parameters()),
+               "data_name": data["data_name"], "train_examples": len(train_ex), "truncated": stats["truncated"],
+               "skipped_rows": data["skipped"], "eval_rows": len(data["eval_records"]), "steps": n_steps}
+
+    # -- baseline (skipped on resume: the first run measured it)
+    before = None
+    if do_acc and o.baseline_eval and ckpt is None:
+        say(f"measuring the un-tuned model's accuracy on {len(data['eval_records'])} held-out rows ...")
+        before = evaluate_accuracy(model, tokenizer, data["eval_records"], **acc_args)
+        metrics.write({"step": 0, "accuracy": before["accuracy"], "per_task": before["per_task"], "phase": "before"})
+        say(f"before training: accuracy {100 * before['accuracy']:.1f}%")
+
+    # -- LoRA, optimizer, schedule
+    torch.manual_seed(o.seed)  # LoRA init independent of whatever ran before
+    lorakit.inject(model, o.lora_config())
+    if o.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    trainable, total = lorakit.trainable_parameters(model)
+    results["trainable_parameters"] = trainable
+    say(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%); "
+        f"{len(train_ex)} examples, {n_steps} steps of {o.batch_size} x {o.grad_accum} x {world}")
+    optimizer = build_optimizer(model, o.lr, o.weight_decay, o.lora_plus_ratio, o.adam_betas)
+    scheduler = build_scheduler(optimizer, o.warmup_steps, n_steps, o.min_lr_ratio)
+    position, step, tokens_seen = DataPosition(), 0, 0
+    if ckpt is not None:
+        state, position = load_checkpoint(ckpt, model, optimizer, scheduler)
+        step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
+        before = state.get("accuracy_before")
+        metrics.truncate_after(step)
+        say(f"resumed from {ckpt} at step {step}")
+
+    # -- the loop
+    batches = iterate_batches(train_ex, o.batch_size, o.seed, position, pad_id, rank, world)
+    last_loss, eval_loss, stopped = float("nan"), float("nan"), None
+    ckpt_state = lambda: {"tokens_seen": tokens_seen, "accuracy_before": before, "world_size": world}  # noqa: E731
+    t_train = time.time()
+    with StopRequest() as stop, _progress(main and o.progress, n_steps, step, console) as bar:
+        while step < n_steps:
+            t0 = time.time()
+            result = train_step(model, [next(batches) for _ in range(o.grad_accum)], optimizer, scheduler,
+                                o.max_grad_norm)
+            step += 1
+            if not result.finite:
+                if o.nan_policy == "stop":
+                    last = find_latest_checkpoint(out, lambda m: None)
+                    raise TrainingDiverged(
+                        f"non-finite loss at step {step}: {result.bad} went NaN/Inf first. "
+                        + (f"The last good checkpoint is {last}; resume from it with a lower --lr "
+                           f"(or set nan_policy=skip)." if last else "No checkpoint was written before it; "
+                           "lower --lr, or set nan_policy=skip to skip such steps."))
+                say(f"step {step}: non-finite loss ({result.bad}); update skipped (nan_policy=skip)")
+            else:
+                last_loss = result.loss
+            tokens_seen += result.input_tokens
+            tps = result.input_tokens / max(time.time() - t0, 1e-9)
+            lr = scheduler.get_last_lr()[0]
+            if step % o.log_every == 0 or step == n_steps:
+                metrics.write({"step": step, "loss": result.loss, "lr": lr, "tokens_per_s": round(tps, 1),
+                               "grad_norm": result.grad_norm, "epoch": position.epoch, "tokens_seen": tokens_seen,
+                               "finite": result.finite})
+            bar(step, result.loss, lr, tps)
+            if o.eval_every and step % o.eval_every == 0 and eval_ex and step < n_steps:
+                eval_loss = evaluate_loss(model, eval_ex, o.eval_batch_size, pad_id)
+                metrics.write({"step": step, "eval_loss": eval_loss})
+            if main and ((o.save_every and step % o.save_every == 0 and step < n_steps) or stop.signum):
+                save_checkpoint(out, step, model, optimizer, scheduler, position, ckpt_state())
+                prune_checkpoints(out, o.keep_checkpoints)
+            if stop.signum:
+                stopped = f"{stop.name} at step {step}"
+                break
+    results["train_seconds"] = time.time() - t_train
+    results["final_loss"] = last_loss
+
+    # -- the end: final eval, accuracy, files
+    if stopped:
+        results.update(stopped=stopped, exit_code=EXIT_CODES.get(stop.name, 1), steps_done=step)
+        say(f"stopped by {stopped}; checkpoint written to {out / 'checkpoints'}. "
+            f"Continue with: lorakit train --out {out} --resume")
+    else:
+        if main:
+            save_checkpoint(out, step, model, optimizer, scheduler, position, ckpt_state())
+            prune_checkpoints(out, o.keep_checkpoints)
+        if eval_ex:
+            eval_loss = evaluate_loss(model, eval_ex, o.eval_batch_size, pad_id)
+            metrics.write({"step": step, "eval_loss": eval_loss})
+        after = None
+        if do_acc:
+            say("measuring held-out accuracy after training ...")
+            after = evaluate_accuracy(model, tokenizer, data["eval_records"], **acc_args)
+            metrics.write({"step": step, "accuracy": after["accuracy"], "per_task": after["per_task"],
+                           "phase": "after"})
+        results.update(accuracy_before=before, accuracy_after=after, exit_code=0, steps_done=step)
+        if main:
+            lorakit.save_adapter(model, out / "adapter")
+    results["eval_loss"] = eval_loss
+    results["total_seconds"] = time.time() - t_start
+    results["out"] = str(out)
+    if main:
+        plot_metrics(out)
+        write_readme(out, results)
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    results["model"], results["tokenizer"] = model, tokenizer
+    return results
+
+
+class _progress:
+    """A rich progress bar (loss, lr, tokens/s, ETA) as a context manager; calling it updates the bar."""
+
+    def __init__(self, enabled: bool, total: int, start: int, console=None) -> None:
+        self.enabled, self.total, self.start, self.console = enabled, total, start, console
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+            self.p = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                              TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+                              TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"),
+                              TimeRemainingColumn(), console=self.console, transient=False)
+            self.p.__enter__()
+            self.task = self.p.add_task("train", total=self.total, completed=self.start, loss="-", lr="-", tps="-")
+        return self
+
+    def __call__(self, step: int, loss: float, lr: float, tps: float) -> None:
+        if self.enabled:
+            self.p.update(self.task, completed=step, loss=f"{loss:.4f}" if math.isfinite(loss) else "nan",
+                          lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.p.__exit__(*exc)
+
+
+def command_line(o: TrainOptions) -> str:
+    """Returns a `lorakit train key=value ...` command that reproduces the options (non-defaults only)."""
+    default = TrainOptions().to_dict()
+    parts = [f"{k}={v if isinstance(v, (int, float, str)) else json.dumps(v)}"
+             for k, v in o.to_dict().items() if v != default[k] and k not in ("resume",)]
+    return "lorakit train " + " ".join(shlex.quote(p) for p in parts)
