@@ -150,6 +150,9 @@ def combine_adapters(model: nn.Module, names: list[str], weights: list[float], n
     new.rank_pattern = {f"^{lname}$".replace(".", r"\."): v for lname, v in ranks.items() if v != r}
     new.alpha_pattern = {k: float(v) for k, v in new.rank_pattern.items()}
     new.enable_lora, new.modules_to_save = None, None
+    # exactly the modules that hold the combination (the inputs may have targeted different ones)
+    new.target_modules = sorted(ranks)
+    new.exclude_modules, new.layers_to_transform, new.layers_pattern = None, None, None
     configs = dict(configs)
     configs[new_name] = new
     setattr(model, CONFIG_ATTR, configs)

@@ -275,6 +275,10 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
     heads = _output_head_names(model)
     to_save = [n for n, m in _plain_modules(model) if n and _matches(config.modules_to_save, n, m, heads)]
     params = dict(_plain_named_parameters(model))
+    embed_modules = {id(m) for m in (_call(model, "get_input_embeddings"), _call(model, "get_output_embeddings")) if m is not None}
+    embed_params = {f"{n}.weight": m.weight for n, m in _plain_modules(model)
+                    if id(_base_of(m)) in embed_modules or id(m) in embed_modules
+                    for m in [_base_of(m)] if getattr(m, "weight", None) is not None}
     for key in keys:
         full = keys[key]
         if full in plan:
@@ -291,6 +295,12 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
             elif tuple(ref.shape) != tuple(tensors[full].shape):
                 problems.append(f"{full}: shape {tuple(tensors[full].shape)} but the model needs {tuple(ref.shape)}")
             plan[full] = (owner, "save:" + sub)
+        elif pkey in embed_params:
+            # PEFT saves whole embedding matrices next to an adapter that targets them (resized vocabularies)
+            if tuple(embed_params[pkey].shape) != tuple(tensors[full].shape):
+                problems.append(f"{full}: shape {tuple(tensors[full].shape)} but the model's embedding is "
+                                f"{tuple(embed_params[pkey].shape)} (different vocabulary?)")
+            plan[full] = (pkey, "embed")
         elif config.bias != "none" and key.endswith("bias") and (pkey in params or key in params):
             ref = params.get(pkey, params.get(key))
             if tuple(ref.shape) != tuple(tensors[full].shape):
@@ -305,6 +315,14 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
         raise AdapterFileError(f"{where}: the adapter does not fit this model; "
                                + "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""))
     return plan
+
+
+def _call(model, method):
+    fn = getattr(model, method, None)
+    try:
+        return fn() if callable(fn) else None
+    except (NotImplementedError, AttributeError):
+        return None
 
 
 def _check_identity(model: nn.Module, metadata: dict[str, str], where: str) -> None:
@@ -349,11 +367,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     with torch.no_grad():
         for full, (name, kind) in plan.items():
             t = tensors[full]
-            module = model.get_submodule(name) if kind != "bias" else None
+            module = model.get_submodule(name) if kind not in ("bias", "embed") else None
             if kind.startswith("save:"):
                 dst = dict(module.modules_to_save[adapter_name].named_parameters())[kind[5:]]
-            elif kind == "bias":
-                wrapped = name.rsplit(".", 1)[0] + ".base_layer.bias"
+            elif kind in ("bias", "embed"):
+                owner, _, leaf = name.rpartition(".")
+                wrapped = f"{owner}.base_layer.{leaf}"
                 dst = params.get(wrapped, params.get(name))
             elif kind == ".lora_magnitude_vector":
                 dst = module.lora_magnitude_vector[adapter_name]
