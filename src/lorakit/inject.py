@@ -318,8 +318,15 @@ def _replace_wrappers(model: nn.Module, do_merge: bool) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Returns the plain model with the active adapters folded into W0 and no lorakit modules left."""
+def merge_and_unload(model: nn.Module, requantize: bool = False, example_inputs=None) -> nn.Module:
+    """Returns the plain model with the active adapters folded into W0 and no lorakit modules left.
+
+    On a 4-bit base the model comes back dequantized, or re-quantized with a warning giving the measured
+    logit change when requantize=True (see lorakit.quant.merge_and_unload_quantized).
+    """
+    if any(type(p).__name__ == "Params4bit" for p in model.parameters()):
+        from lorakit.quant import merge_and_unload_quantized
+        return merge_and_unload_quantized(model, requantize=requantize, example_inputs=example_inputs)
     return _replace_wrappers(model, do_merge=True)
 
 
