@@ -90,6 +90,9 @@ class LoraConfig:
             bad("lora_alpha", f"must be a positive number, got {self.lora_alpha!r}")
         if not _is_num(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
+        for name in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, f"must be true or false, got {getattr(self, name)!r}")
         if self.init_lora_weights not in INIT_METHODS:
             bad("init_lora_weights", f"unknown init {self.init_lora_weights!r}; choose one of "
                 f"{', '.join(INIT_METHODS)} (or True/False).{did_you_mean(str(self.init_lora_weights), INIT_METHODS)}")
