@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -240,7 +241,9 @@ def train_step(model: nn.Module, micro_batches: Sequence[dict], optimizer, sched
         bad = first_nonfinite(model) or "the loss (parameters and gradients are finite)"
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
-        scheduler.step()
+        with warnings.catch_warnings():  # a skipped update still advances the schedule; torch warns about that
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
     return StepResult(total / max(n_total, 1), n_total, input_tokens, grad_norm, finite, bad)
 
 

@@ -272,3 +272,32 @@ def command_line(o: TrainOptions) -> str:
     parts = [f"{k}={v if isinstance(v, (int, float, str)) else json.dumps(v)}"
              for k, v in o.to_dict().items() if v != default[k] and k not in ("resume",)]
     return "lorakit train " + " ".join(shlex.quote(p) for p in parts)
+
+
+def load_for_inference(model_spec: str | None, adapter: str | None, template: str | None = None,
+                       system: str | None = None):
+    """Returns (model, tokenizer, template, system) with the adapter loaded; template/system default to the run's.
+
+    An adapter written by `lorakit train` sits in a run folder whose config.yaml names the template and
+    system prompt it was trained with; generation and evaluation use the same unless told otherwise.
+    """
+    import lorakit
+    from lorakit.models import load_model
+    from lorakit.train.options import read_config_file
+
+    run_cfg = {}
+    if adapter and (Path(adapter).parent / "config.yaml").is_file():
+        try:
+            run_cfg = read_config_file(Path(adapter).parent / "config.yaml")
+        except ConfigError:
+            run_cfg = {}
+    if adapter and (Path(adapter) / "state.json").is_file():  # a checkpoint folder: use its adapter/
+        adapter = str(Path(adapter) / "adapter")
+    model, tokenizer = load_model(model_spec or run_cfg.get("model") or "default")
+    if run_cfg.get("quantize") == "nf4":
+        from lorakit.quant import quantize
+        model = quantize(model) or model
+    if adapter:
+        lorakit.load_adapter(model, adapter)
+    model.eval()
+    return model, tokenizer, template or run_cfg.get("template", "auto"), system or run_cfg.get("system")
