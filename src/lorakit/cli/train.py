@@ -23,6 +23,21 @@ def _is_bool(f) -> bool:
     return f.type in (bool, "bool")
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """Parses `key=value` overrides wherever they appear among the flags (plain argparse takes one run of them)."""
+
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inside:  # parse_known_intermixed_args calls back into parse_known_args
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Registers `train` and returns its parser."""
     p = subparsers.add_parser(
@@ -34,6 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog="Precedence: defaults < --config FILE.yaml < flags < key=value overrides. Lists take commas "
                "(--target-modules q_proj,v_proj), mappings take YAML (rank_pattern='{q_proj: 4}'), 'none' clears "
                "an optional value. SIGINT/SIGTERM write a checkpoint and exit (status 130/143).")
+    p.__class__ = _IntermixedParser  # the top-level CLI builds plain parsers; this one needs intermixed parsing
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of the options below (yaml.safe_load)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, e.g. lr=1e-4 r=16")
     defaults = TrainOptions()
