@@ -51,6 +51,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                "an optional value. SIGINT/SIGTERM write a checkpoint and exit (status 130/143).")
     p.__class__ = _IntermixedParser  # the top-level CLI builds plain parsers; this one needs intermixed parsing
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of the options below (yaml.safe_load)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N", help="train on N processes of this machine: "
+                   "relaunches itself under torchrun (see docs/distributed.md)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, e.g. lr=1e-4 r=16")
     defaults = TrainOptions()
     for f in option_fields():
@@ -101,7 +103,11 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.report import accuracy_table_rich
 
     options = options_from_args(args)
-    console = Console(stderr=False)
+    if (getattr(args, "nproc", None) or 1) > 1:  # distributed: relaunch under torchrun (lorakit.train.distributed)
+        from lorakit.train.distributed import launch_local
+        return launch_local(args.nproc, options)
+    from lorakit.train.loop import is_main_process
+    console = Console(stderr=False, quiet=not is_main_process())  # under torchrun only rank 0 prints
     results = train(options, command=command_line(options), console=console)
     if results.get("accuracy_before") or results.get("accuracy_after"):
         console.print(accuracy_table_rich(results.get("accuracy_before"), results.get("accuracy_after")))

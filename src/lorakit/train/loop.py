@@ -214,6 +214,10 @@ def train_step(model: nn.Module, micro_batches: Sequence[dict], optimizer, sched
     """
     model.train()
     n_total = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+    # distributed (lorakit.train.distributed): normalise by the GLOBAL batch's target tokens, times the number of
+    # ranks because DDP/FSDP average gradients over them; (n_total, 1) in a single process.
+    from lorakit.train.distributed import global_sum, global_tokens
+    n_total, n_ranks = global_tokens(n_total)
     input_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                        for b in micro_batches)
     total, finite = 0.0, True
@@ -224,7 +228,7 @@ def train_step(model: nn.Module, micro_batches: Sequence[dict], optimizer, sched
             finite = False
             total = float("nan")
             break
-        (loss / max(n_total, 1)).backward()
+        (loss * n_ranks / max(n_total, 1)).backward()
         total += float(loss.detach())
     grad_norm = None
     bad = None
@@ -244,6 +248,7 @@ def train_step(model: nn.Module, micro_batches: Sequence[dict], optimizer, sched
         with warnings.catch_warnings():  # a skipped update still advances the schedule; torch warns about that
             warnings.simplefilter("ignore", UserWarning)
             scheduler.step()
+    total = global_sum(total)  # distributed: the global batch's loss (every rank reports the same)
     return StepResult(total / max(n_total, 1), n_total, input_tokens, grad_norm, finite, bad)
 
 

@@ -70,6 +70,8 @@ class TrainOptions:
     nan_policy: str = _opt("stop", "on a NaN/Inf loss: stop (keep the last good checkpoint) or skip the step")
     seed: int = _opt(42, "seed for LoRA init, dropout and data order")
     quantize: str = _opt("none", "quantize the frozen base: none or nf4 (QLoRA)")
+    strategy: str = _opt("auto", "several processes (torchrun): ddp, fsdp (shard the frozen base), or auto "
+                         "(ddp when launched with several processes); see docs/distributed.md")
     # -- evaluation, checkpoints, logging
     eval_every: int = _opt(0, "eval loss every N steps (0 = only at the end)")
     save_every: int = _opt(50, "write a checkpoint every N steps (0 = only at the end)")
@@ -126,6 +128,7 @@ class TrainOptions:
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             bad("adam_betas", f"need two numbers in [0, 1), got {self.adam_betas}")
         choices = {"nan_policy": ("stop", "skip"), "quantize": ("none", "nf4"),
+                   "strategy": ("auto", "none", "ddp", "fsdp"),
                    "template": ("auto", "chat", "alpaca")}
         for name, allowed in choices.items():
             value = getattr(self, name)

@@ -164,6 +164,10 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
         metrics.truncate_after(step)
         say(f"resumed from {ckpt} at step {step}")
 
+    # -- distributed (lorakit.train.distributed): DDP / FSDP2 / as-is; `model` stays plain for eval and saving
+    from lorakit.train.distributed import agree_stop, wrap_for_distributed
+    train_model = wrap_for_distributed(model, o.strategy, o.batch_size, o.grad_accum, log=say)
+
     # -- the loop
     batches = iterate_batches(train_ex, o.batch_size, o.seed, position, pad_id, rank, world)
     last_loss, eval_loss, stopped = float("nan"), float("nan"), None
@@ -172,8 +176,9 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
     with StopRequest() as stop, _progress(main and o.progress, n_steps, step, console) as bar:
         while step < n_steps:
             t0 = time.time()
-            result = train_step(model, [next(batches) for _ in range(o.grad_accum)], optimizer, scheduler,
+            result = train_step(train_model, [next(batches) for _ in range(o.grad_accum)], optimizer, scheduler,
                                 o.max_grad_norm)
+            stop.signum = agree_stop(stop.signum)  # distributed: every rank stops after the same step
             step += 1
             if not result.finite:
                 if o.nan_policy == "stop":
