@@ -72,7 +72,13 @@ def plot_metrics(out: str | Path, records: Iterable[dict] | None = None) -> Path
         ax2.plot([s for s, _ in acc], [100 * a for _, a in acc], "o-", color="C2", label="held-out accuracy")
         for s, a in acc:
             ax2.annotate(f"{100 * a:.1f}%", (s, 100 * a), textcoords="offset points", xytext=(0, 6), ha="center")
-        ax2.legend()
+        tasks = sorted({t for r in records if "per_task" in r for t in r["per_task"]})
+        for i, task in enumerate(tasks if len(tasks) > 1 else []):
+            pts = [(r["step"], 100 * r["per_task"][task]["accuracy"]) for r in records
+                   if "per_task" in r and task in r["per_task"]]
+            ax2.plot(*zip(*pts), "--", marker=".", lw=1, color=f"C{3 + i}", label=task)
+        ax2.set_ylim(0, 105)
+        ax2.legend(fontsize=8)
     ax2.set_xlabel("step"), ax2.set_ylabel("exact match (%)"), ax2.set_title("held-out accuracy")
     fig.tight_layout()
     path = Path(out) / "plot.png"
