@@ -78,8 +78,20 @@ def load_data(o: TrainOptions, tokenizer, log=print) -> dict:
         if loaded.skipped:
             log(f"skipped {loaded.skipped} malformed row(s) in {o.eval_data}")
     if o.eval_limit is not None:
-        held = held[:o.eval_limit]
+        held = _spread(held, o.eval_limit)
     return {"train_records": train, "eval_records": held, "data_name": name, "skipped": skipped}
+
+
+def _spread(records: list[dict], n: int) -> list[dict]:
+    """Returns n records taken round-robin over their 'task' column, so a limited eval still covers every task."""
+    by_task: dict[str, list[dict]] = {}
+    for r in records:
+        by_task.setdefault(r.get("task", ""), []).append(r)
+    out, i = [], 0
+    while len(out) < min(n, len(records)):
+        out += [rows[i] for rows in by_task.values() if i < len(rows)][: n - len(out)]
+        i += 1
+    return out
 
 
 def prepare_model(o: TrainOptions, log=print):
