@@ -324,7 +324,10 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     # use_reentrant=False: gradients flow to LoRA parameters inside a block even when the block's input
     # (the frozen embedding output) does not require grad. enable_input_require_grads covers reentrant
     # implementations a model may still force.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     if getattr(model, "config", None) is not None:
