@@ -103,6 +103,22 @@ def test_grad_accumulation_equals_one_big_batch(tok, examples):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_loss_sum_projects_only_target_positions_exactly(tok, examples, packed):
+    import torch.nn.functional as F
+
+    from lorakit.train.data import collate, pack_examples
+    model = tiny_model(len(tok)).train()
+    batch = collate(pack_examples(examples[:6], 300) if packed else examples[:5], 0)
+    loss, n = loop.loss_sum(model, batch)
+    # use_cache=False matters for packed batches: with a cache, transformers does not build the block mask
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
+                          reduction="sum")
+    assert n == int((batch["labels"][:, 1:] != -100).sum()) > 0
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
+
+
 def test_batch_order_depends_only_on_seed_and_epoch():
     assert loop.batch_order(10, 3, 1, 0) == loop.batch_order(10, 3, 1, 0)
     assert loop.batch_order(10, 3, 1, 0) != loop.batch_order(10, 3, 1, 1)
