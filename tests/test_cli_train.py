@@ -156,7 +156,7 @@ def test_bad_data_row_names_file_line_and_field(files, tmp_path, capsys):
     assert "skipped 1 malformed row" in capsys.readouterr().out
 
 
-def test_eval_json_and_generate(files, tmp_path, capsys):
+def test_eval_json_and_generate(files, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert main(train_args(files, out, "--no-accuracy")) == 0
     capsys.readouterr()
@@ -172,5 +172,12 @@ def test_eval_json_and_generate(files, tmp_path, capsys):
     assert main(["generate", "--adapter", str(out / "adapter"), "--max-new-tokens", "4", "Say the first word.",
                  "--input", "red cat"]) == 0
     capsys.readouterr()
+    # chat mode reads prompts until an empty line; a checkpoint folder works as --adapter (model from the run)
+    import io
+    import sys
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Say the first word.\nSay the second word.\n\n"))
+    assert main(["generate", "--adapter", str(out / "checkpoints" / "step-000004"), "--chat",
+                 "--max-new-tokens", "2"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) <= 2
     assert main(["generate", "--adapter", str(out / "adapter")]) == 2
     assert "give a prompt" in capsys.readouterr().err

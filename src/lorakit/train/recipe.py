@@ -303,13 +303,17 @@ def load_for_inference(model_spec: str | None, adapter: str | None, template: st
     from lorakit.train.options import read_config_file
 
     run_cfg = {}
-    if adapter and (Path(adapter).parent / "config.yaml").is_file():
-        try:
-            run_cfg = read_config_file(Path(adapter).parent / "config.yaml")
-        except ConfigError:
-            run_cfg = {}
     if adapter and (Path(adapter) / "state.json").is_file():  # a checkpoint folder: use its adapter/
         adapter = str(Path(adapter) / "adapter")
+    if adapter:
+        # out/adapter or out/checkpoints/step-N/adapter: the run's config.yaml is 1 or 3 levels up
+        for run_dir in (Path(adapter).parent, Path(adapter).parent.parent.parent):
+            if (run_dir / "config.yaml").is_file():
+                try:
+                    run_cfg = read_config_file(run_dir / "config.yaml")
+                except ConfigError:
+                    pass
+                break
     model, tokenizer = load_model(model_spec or run_cfg.get("model") or "default")
     if run_cfg.get("quantize") == "nf4":
         from lorakit.quant import quantize
