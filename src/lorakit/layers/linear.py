@@ -33,6 +33,8 @@ def linear_shape(base: nn.Module) -> tuple[int, int, bool]:
 class LoraLinear(LoraLayer):
     """LoRA around a linear-like base layer (nn.Linear, Conv1D, bitsandbytes Linear4bit)."""
 
+    _shared_group = None  # set by lorakit.fuse.fuse_shared_inputs: siblings computed in one call
+
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool | None = None):
         super().__init__(base_layer)
         self.in_features, self.out_features, detected = linear_shape(base_layer)
@@ -148,6 +150,10 @@ class LoraLinear(LoraLayer):
             return self.base_layer(x, *args, **kwargs)
         if self._row_adapters is not None:
             return self._mixed_forward(x)
+        if self._shared_group is not None and not args and not kwargs:
+            out = self._shared_group(self, x)
+            if out is not None:
+                return out
         first = live[0]
         if self._fusable and not self.use_dora[first] and self._same_dtype(x, first):
             base = self.base_layer

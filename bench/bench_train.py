@@ -1,0 +1,442 @@
+"""Training-step speed and peak memory: lorakit LoRA vs PEFT LoRA vs full fine-tuning vs the floor.
+
+    parent ──spawn──► one worker process per mode (its own model, its own peak RSS)
+       │  round 1:  lorakit  peft  full  floor  lorakit-gc  base  unmerged  merged
+       │  round 2:  lorakit  peft  full  ...                 (interleaved: slow drifts hit every mode alike)
+       └─ medians of the quiet steps ─► table (absolute + ratios) ─► JSON
+
+Every worker builds the same random-init Llama (same seed), warms up, then runs ONE step each time the parent
+asks. A step counts as quiet when the process got ~`threads` cores of CPU time for its wall time and the rest
+of the machine stayed idle (from /proc/stat); a noisy step is retried after a pause and the measured
+utilisation is recorded either way. Modes:
+
+    lorakit     lorakit.inject LoRA (r, alpha on q,k,v,o,gate,up,down), AdamW on the factors
+    lorakit-fused   the same plus lorakit.fuse_shared_inputs (one A GEMM for q,k,v and for gate,up)
+    peft        peft.get_peft_model with the same LoRA config
+    full        every weight trainable, AdamW
+    floor       every weight frozen, gradients only w.r.t. the input embeddings (no optimizer)
+    lorakit-gc  lorakit with gradient checkpointing (non-reentrant)
+    compile     lorakit with torch.compile of the wrapped model
+    infer       forward-only latency (eval, no_grad): base model vs lorakit unmerged vs merged
+    embedded    lorakit and PEFT on the embedded model (skipped when it is not installed)
+
+    python bench/bench_train.py --small                      # quick check (~1 minute)
+    python bench/bench_train.py --out bench/results/x.json   # the issue's config (~10 minutes)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PRESETS = {
+    "full": dict(hidden=1024, layers=8, heads=16, intermediate=2816, vocab=32000, batch=4, seq=256, steps=5, warmup=2),
+    "small": dict(hidden=256, layers=2, heads=4, intermediate=704, vocab=4000, batch=2, seq=128, steps=7, warmup=2),
+}
+TRAIN_MODES = ["lorakit", "lorakit-fused", "peft", "full", "floor", "lorakit-gc", "compile"]
+ALL_MODES = TRAIN_MODES + ["infer", "embedded"]
+DEFAULT_MODES = ["lorakit", "peft", "full", "floor", "lorakit-gc", "infer"]
+INFER_VARIANTS = ["base", "unmerged", "merged"]
+EMBEDDED_VARIANTS = ["embedded-lorakit", "embedded-peft"]
+
+
+# ============================================================================ measuring
+def busy_jiffies() -> float:
+    """Returns the machine's busy CPU time in seconds since boot (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [float(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(fn) -> dict:
+    """Runs fn() once; returns wall seconds, this process's CPU cores used, and the other processes' cores."""
+    s0, c0, t0 = busy_jiffies(), time.process_time(), time.perf_counter()
+    fn()
+    t1, c1, s1 = time.perf_counter(), time.process_time(), busy_jiffies()
+    wall, cpu = t1 - t0, c1 - c0
+    return {"wall": wall, "cpu": cpu, "util": cpu / wall, "others": max(0.0, (s1 - s0) - cpu) / wall}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ============================================================================ worker side
+def build_model(a, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.heads,
+                      num_key_value_heads=a.heads, intermediate_size=a.intermediate, vocab_size=a.vocab,
+                      max_position_embeddings=max(2048, a.seq), tie_word_embeddings=False, use_cache=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).float()
+
+
+def lorakit_model(model, a, fuse: bool = False):
+    import lorakit
+    lorakit.inject(model, lorakit.LoraConfig(r=a.rank, lora_alpha=a.alpha, target_modules=TARGETS))
+    if fuse:
+        from lorakit.fuse import fuse_shared_inputs
+        fuse_shared_inputs(model)
+    return model
+
+
+def peft_model(model, a):
+    import peft
+    return peft.get_peft_model(model, peft.LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0,
+                                                      target_modules=TARGETS))
+
+
+def enable_checkpointing(model) -> None:
+    import lorakit
+    fn = getattr(lorakit, "enable_gradient_checkpointing", None)
+    if fn is not None:
+        fn(model)
+    else:  # non-reentrant: works when no input of a checkpointed block requires grad (frozen base)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def train_step_fn(mode: str, a):
+    """Returns step() -> None for a training mode, with its model and optimizer built."""
+    import torch
+    if mode.startswith("embedded"):
+        from lorakit.models import load_model
+        model = load_model(None)[0].float()
+        vocab = model.config.vocab_size
+    else:
+        model = build_model(a)
+        vocab = a.vocab
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (a.batch, a.seq), generator=g)
+    model.train()
+    if mode in ("lorakit", "lorakit-fused", "lorakit-gc", "compile", "embedded-lorakit"):
+        lorakit_model(model, a, fuse=(mode == "lorakit-fused" or a.fuse))
+        if mode == "lorakit-gc":
+            enable_checkpointing(model)
+    elif mode in ("peft", "embedded-peft"):
+        model = peft_model(model, a)
+    elif mode == "floor":
+        model.requires_grad_(False)
+    elif mode != "full":
+        raise ValueError(mode)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    fwd = torch.compile(model) if mode == "compile" else model
+
+    if mode == "floor":
+        emb = model.get_input_embeddings()
+
+        def step():
+            x = emb(ids).detach().requires_grad_(True)
+            fwd(inputs_embeds=x, labels=ids).loss.backward()
+    else:
+        def step():
+            opt.zero_grad(set_to_none=True)
+            fwd(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+    return step
+
+
+def infer_setup(a):
+    """Returns (base forward, lorakit forward, the lorakit model): eval mode, no_grad, B non-zero."""
+    import torch
+    import lorakit
+    from lorakit.inject import lora_layers
+    base = build_model(a).eval()
+    adapted = lorakit_model(copy.deepcopy(base), a).eval()
+    with torch.no_grad():  # non-zero B, as after training
+        for _, layer in lora_layers(adapted):
+            layer.lora_B["default"].weight.normal_(0, 0.02)
+    ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=torch.Generator().manual_seed(1))
+
+    def fwd(model):
+        def step():
+            with torch.no_grad():
+                model(input_ids=ids)
+        return step
+
+    return fwd(base), fwd(adapted), adapted
+
+
+def worker(a) -> None:
+    """Serves 'step VARIANT' / 'quit' lines on stdin with one JSON line each on stdout."""
+    import torch
+    torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    if a.worker == "infer":
+        import lorakit
+        base_fwd, lora_fwd, adapted = infer_setup(a)
+
+        def run(variant):
+            if variant == "merged":  # merge outside the timed region: only the forward is timed
+                lorakit.merge(adapted)
+                try:
+                    return timed(lora_fwd)
+                finally:
+                    lorakit.unmerge(adapted)
+            return timed(base_fwd if variant == "base" else lora_fwd)
+        variants = INFER_VARIANTS
+    elif a.worker == "embedded":
+        fns = {}
+        for v in EMBEDDED_VARIANTS:
+            fns[v] = train_step_fn(v, a)
+
+        def run(variant):
+            return timed(fns[variant])
+        variants = EMBEDDED_VARIANTS
+    else:
+        step = train_step_fn(a.worker, a)
+
+        def run(variant):
+            return timed(step)
+        variants = [a.worker]
+    for _ in range(a.warmup):
+        for v in variants:
+            run(v)
+    reply({"ready": True, "setup_s": time.perf_counter() - t0, "variants": variants})
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "quit":
+            break
+        reply(run(cmd[1]))
+    reply({"peak_rss_mib": peak_rss_mib()})
+
+
+def reply(obj) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+# ============================================================================ parent side
+class Worker:
+    def __init__(self, mode: str, a, argv: list[str]):
+        env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads),
+                   TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
+        self.mode = mode
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", mode, *argv],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.ready = self.read()
+        self.variants = self.ready.get("variants", [])
+
+    def read(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"worker {self.mode} exited (status {self.proc.wait()})")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def step(self, variant: str) -> dict:
+        self.proc.stdin.write(f"step {variant}\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> float:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        peak = self.read()["peak_rss_mib"]
+        self.proc.wait()
+        return peak
+
+
+def machine_load(seconds: float = 1.0) -> float:
+    """Returns the cores busy on the whole machine over the next `seconds` (the parent itself sleeps)."""
+    s0, t0 = busy_jiffies(), time.perf_counter()
+    time.sleep(seconds)
+    return (busy_jiffies() - s0) / (time.perf_counter() - t0)
+
+
+def wait_quiet(a, log) -> float:
+    """Waits up to --max-wait seconds for the machine to go idle; returns the last load seen (cores)."""
+    deadline = time.time() + a.max_wait
+    load = machine_load(0.5)
+    while load > a.max_other and time.time() < deadline:
+        load = machine_load(2.0)
+    if load > a.max_other:
+        log(f"  machine busy: {load:.2f} cores used by other processes; measuring anyway")
+    return load
+
+
+def is_quiet(r: dict, a) -> bool:
+    return r["others"] <= a.max_other and r["util"] >= a.min_util * a.threads
+
+
+def measure(a, argv, log) -> dict:
+    modes = a.modes
+    workers: list[Worker] = []
+    skipped = {}
+    for m in modes:
+        log(f"starting {m} ...")
+        try:
+            workers.append(Worker(m, a, argv))
+        except RuntimeError as e:
+            if m in ("embedded", "compile"):
+                skipped[m] = str(e)
+                log(f"  skipped {m}: {e}")
+                continue
+            raise
+    slots = [(w, v) for w in workers for v in w.variants]
+    results = {v: [] for _, v in slots}
+    for rnd in range(a.steps):
+        for w, v in slots:
+            for attempt in range(a.retries + 1):
+                if a.max_wait > 0:
+                    wait_quiet(a, log)
+                r = w.step(v)
+                r["quiet"] = is_quiet(r, a)
+                results[v].append(r)
+                if r["quiet"]:
+                    break
+                log(f"  {v}: noisy step (util {r['util']:.2f} cores, others {r['others']:.2f}); "
+                    + ("retrying" if attempt < a.retries else "keeping it"))
+                time.sleep(a.retry_wait)
+        log(f"round {rnd + 1}/{a.steps}: " + "  ".join(f"{v} {results[v][-1]['wall']:.3f}s" for _, v in slots))
+    out = {}
+    for w in workers:
+        peak = w.close()
+        for v in w.variants:
+            rs = results[v]
+            quiet = [r for r in rs if r["quiet"]]
+            use = quiet if len(quiet) >= max(1, a.steps // 2) else rs
+            key = a.metric
+            out[v] = {"step_s": statistics.median(r[key] for r in use), "metric": key,
+                      "step_s_min": min(r[key] for r in use),
+                      "wall_s": statistics.median(r["wall"] for r in use),
+                      "cpu_s": statistics.median(r["cpu"] for r in use),
+                      "steps_used": len(use), "steps_quiet": len(quiet), "steps_total": len(rs),
+                      "util_cores": statistics.median(r["util"] for r in use),
+                      "all_cpu_s": [round(r["cpu"], 4) for r in rs],
+                      "others_cores": statistics.median(r["others"] for r in use),
+                      "peak_rss_mib": peak, "worker": w.mode, "all_steps_s": [round(r["wall"], 4) for r in rs]}
+            if len(use) != len(quiet):
+                out[v]["warning"] = "too few quiet steps: the median includes noisy steps"
+    return {"results": out, "skipped": skipped}
+
+
+RATIOS = [("lorakit", "peft"), ("lorakit", "floor"), ("floor", "peft"), ("lorakit-fused", "peft"),
+          ("lorakit-fused", "floor"), ("lorakit", "full"), ("peft", "floor"), ("compile", "lorakit"),
+          ("unmerged", "base"), ("merged", "base"), ("embedded-lorakit", "embedded-peft")]
+MEM_RATIOS = [("lorakit", "peft"), ("lorakit-fused", "peft"), ("lorakit-gc", "peft"), ("lorakit", "floor")]
+
+
+def ratios(res: dict) -> dict:
+    t = {f"{x}/{y}": res[x]["step_s"] / res[y]["step_s"] for x, y in RATIOS if x in res and y in res}
+    m = {f"{x}/{y}": res[x]["peak_rss_mib"] / res[y]["peak_rss_mib"] for x, y in MEM_RATIOS if x in res and y in res}
+    return {"time": t, "peak_rss": m}
+
+
+def table(report: dict) -> str:
+    res, rat = report["results"], report["ratios"]
+    metric = next(iter(res.values()))["metric"] if res else "wall"
+    lines = [f"{'mode':<18}{'s/step (' + metric + ')':>16}{'min':>9}{'wall s':>9}{'cpu s':>9}{'peak RSS MiB':>14}"
+             f"{'util cores':>12}{'others':>8}{'quiet':>8}"]
+    for v, r in res.items():
+        mem = f"{r['peak_rss_mib']:.0f}" if r["worker"] not in ("infer", "embedded") else "(shared)"
+        lines.append(f"{v:<18}{r['step_s']:>16.3f}{r['step_s_min']:>9.3f}{r['wall_s']:>9.3f}{r['cpu_s']:>9.3f}{mem:>14}{r['util_cores']:>12.2f}"
+                     f"{r['others_cores']:>8.2f}{r['steps_quiet']:>5}/{r['steps_total']}")
+    lines.append("")
+    lines.append("ratios (step time): " + "  ".join(f"{k} {v:.3f}" for k, v in rat["time"].items()))
+    lines.append("ratios (peak RSS):  " + "  ".join(f"{k} {v:.3f}" for k, v in rat["peak_rss"].items()))
+    return "\n".join(lines)
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--small", action="store_true", help="a tiny model for a quick check")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                   help=f"comma-separated subset of {','.join(ALL_MODES)} (default {','.join(DEFAULT_MODES)})")
+    for k in ("hidden", "layers", "heads", "intermediate", "vocab", "batch", "seq", "steps", "warmup"):
+        p.add_argument(f"--{k}", type=int, default=None, help="override the preset")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fuse", action="store_true", help="apply lorakit.fuse_shared_inputs in every lorakit mode")
+    p.add_argument("--max-other", type=float, default=0.25, help="cores other processes may use in a quiet step")
+    p.add_argument("--min-util", type=float, default=0.85, help="fraction of --threads a quiet step must get")
+    p.add_argument("--retries", type=int, default=2, help="retries of a noisy step")
+    p.add_argument("--retry-wait", type=float, default=3.0, help="seconds to pause before retrying a noisy step")
+    p.add_argument("--max-wait", type=float, default=20.0,
+                   help="seconds to wait for an idle machine before each step (0: never check)")
+    p.add_argument("--metric", choices=("wall", "cpu"), default="wall",
+                   help="what the medians and ratios use: wall time (default), or this process's CPU time "
+                        "(a proxy for work when the machine is shared; use with --threads 1)")
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--note", default="", help="free text stored in the JSON (e.g. what else ran)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    preset = PRESETS["small" if a.small else "full"]
+    for k, v in preset.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    a.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    bad = [m for m in a.modes if m not in ALL_MODES]
+    if bad:
+        p.error(f"unknown mode(s) {bad}; choose from {ALL_MODES}")
+    return a
+
+
+def worker_argv(a) -> list[str]:
+    keys = ("hidden", "layers", "heads", "intermediate", "vocab", "batch", "seq", "warmup", "rank", "alpha", "threads")
+    argv = [x for k in keys for x in (f"--{k}", str(getattr(a, k)))]
+    return argv + (["--fuse"] if a.fuse else [])
+
+
+def main(argv=None) -> int:
+    """Runs the benchmark (or one worker); returns the exit status."""
+    a = parse(argv)
+    if a.worker:
+        worker(a)
+        return 0
+    import torch
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    load_before = machine_load(2.0)
+    log(f"machine load before: {load_before:.2f} cores busy of {os.cpu_count()}")
+    started = datetime.datetime.now().astimezone()
+    report = measure(a, worker_argv(a), log)
+    report["ratios"] = ratios(report["results"])
+    versions = {"torch": torch.__version__}
+    for mod in ("transformers", "peft"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    report["meta"] = {
+        "date": started.isoformat(timespec="seconds"), "wall_s": (datetime.datetime.now().astimezone()
+                                                                  - started).total_seconds(),
+        "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpus": os.cpu_count(),
+                    "load_before_cores": load_before, "loadavg_after": os.getloadavg()},
+        "versions": versions, "note": a.note,
+        "config": {k: getattr(a, k) for k in ("hidden", "layers", "heads", "intermediate", "vocab", "batch", "seq",
+                                              "rank", "alpha", "threads", "steps", "warmup", "modes", "fuse", "metric",
+                                              "max_other", "min_util")},
+    }
+    print(table(report))
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(report, f, indent=1)
+        log(f"wrote {a.out}")
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
