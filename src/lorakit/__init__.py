@@ -2,6 +2,7 @@
 
     h = W0·x + (alpha/r)·B·(A·x)      W0 frozen, A: r×k random, B: d×r zero at start
 """
+from lorakit.adaptive import enable_adaptive_rank
 from lorakit.adapters import (active_adapters, combine_adapters, delete_adapter, disable_adapters, set_adapter,
                               switch_merged_adapter)
 from lorakit.config import LoraConfig
@@ -10,6 +11,7 @@ from lorakit.inject import (find_targets, inject, merge, merge_and_unload, summa
                             unmerge)
 from lorakit.io import load_adapter, read_adapter, save_adapter, write_adapter
 from lorakit.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, LoraMergedLinear
+from lorakit.quant import dequantize, format_memory_report, memory_report, quantize
 
 __version__ = "0.1.0"
 
@@ -17,6 +19,7 @@ __all__ = [
     "LoraConfig", "inject", "find_targets", "trainable_parameters", "summary", "merge", "unmerge",
     "merge_and_unload", "unload", "set_adapter", "active_adapters", "disable_adapters", "delete_adapter",
     "switch_merged_adapter", "combine_adapters", "save_adapter", "load_adapter", "read_adapter", "write_adapter",
+    "quantize", "dequantize", "memory_report", "format_memory_report", "enable_adaptive_rank",
     "LoraLayer", "LoraLinear", "LoraMergedLinear", "LoraEmbedding", "LoraConv",
     "LorakitError", "ConfigError", "DataError", "AdapterFileError", "ModelLoadError",
 ]
