@@ -351,8 +351,8 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Returns p with the benchmark's options added (shared by this script and `lorakit bench`)."""
     p.add_argument("--small", action="store_true", help="a tiny model for a quick check")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES),
                    help=f"comma-separated subset of {','.join(ALL_MODES)} (default {','.join(DEFAULT_MODES)})")
@@ -374,7 +374,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. what else ran)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
+    return p
+
+
+def finish(a: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Namespace:
+    """Returns the parsed options with the preset filled in and the modes checked."""
     preset = PRESETS["small" if a.small else "full"]
     for k, v in preset.items():
         if getattr(a, k) is None:
@@ -386,15 +390,20 @@ def parse(argv=None) -> argparse.Namespace:
     return a
 
 
+def parse(argv=None) -> argparse.Namespace:
+    p = add_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
+    return finish(p.parse_args(argv), p)
+
+
 def worker_argv(a) -> list[str]:
     keys = ("hidden", "layers", "heads", "intermediate", "vocab", "batch", "seq", "warmup", "rank", "alpha", "threads")
     argv = [x for k in keys for x in (f"--{k}", str(getattr(a, k)))]
     return argv + (["--fuse"] if a.fuse else [])
 
 
-def main(argv=None) -> int:
-    """Runs the benchmark (or one worker); returns the exit status."""
-    a = parse(argv)
+def main(argv=None, args: argparse.Namespace | None = None) -> int:
+    """Runs the benchmark (or one worker) from argv or already parsed args; returns the exit status."""
+    a = parse(argv) if args is None else args
     if a.worker:
         worker(a)
         return 0
