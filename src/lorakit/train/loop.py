@@ -19,7 +19,7 @@ import signal
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -71,6 +71,31 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Returns the device to train on: auto = cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    if name == "auto":
+        from lorakit.train.distributed import local_device
+        return local_device()
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        # plain "cuda" under torchrun: each process takes its own GPU, not all of them cuda:0
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return device
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Returns the device of the model's first parameter (cpu for a model without parameters)."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Returns the batch with every tensor on `device` (the same dict when it is already there)."""
+    if all(not isinstance(v, torch.Tensor) or v.device == device for v in batch.values()):
+        return batch
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------- optimizer
@@ -215,58 +240,83 @@ class StepResult:
     """What one optimizer step did."""
     loss: float
     target_tokens: int
-    input_tokens: int
+    input_tokens: int  # summed over ranks, like target_tokens: the progress bar's tokens/s is the whole run's
     grad_norm: float | None = None
     finite: bool = True
     bad: str | None = None  # the first parameter/gradient that went non-finite
 
 
 def train_step(model: nn.Module, micro_batches: Sequence[dict], optimizer, scheduler=None,
-               max_grad_norm: float | None = None) -> StepResult:
+               max_grad_norm: float | None = None, extra_loss: Callable[[], torch.Tensor] | None = None,
+               after_update: Callable[[], object] | None = None) -> StepResult:
     """Runs forward/backward over the micro-batches (gradient accumulation) and one optimizer step.
 
     The loss is normalised by the step's total target tokens, so accumulating k micro-batches gives the
     same update as one batch k times larger. A non-finite loss or gradient skips the update (grads are
-    zeroed, the scheduler still advances) and returns finite=False naming the first bad tensor.
+    zeroed, the scheduler still advances) and returns finite=False naming the first bad tensor; under
+    torchrun every rank skips together. `extra_loss()` (a regulariser, e.g. adaptive rank's orthogonality
+    penalty) is added once per step and is not part of the reported loss; `after_update()` runs after a
+    successful optimizer.step() while the gradients are still there (adaptive rank's importance update).
+    Batches are moved to the model's device.
     """
     model.train()
+    device = model_device(model)
+    micro_batches = [to_device(b, device) for b in micro_batches]
     n_total = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
     # distributed (lorakit.train.distributed): normalise by the GLOBAL batch's target tokens, times the number of
     # ranks because DDP/FSDP average gradients over them; (n_total, 1) in a single process.
-    from lorakit.train.distributed import global_sum, global_tokens
+    from lorakit.train.distributed import global_tokens
     n_total, n_ranks = global_tokens(n_total)
     input_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                        for b in micro_batches)
     total, finite = 0.0, True
     optimizer.zero_grad(set_to_none=True)
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
         loss, _ = loss_sum(model, batch)
-        if not torch.isfinite(loss):
-            finite = False
-            total = float("nan")
-            break
-        (loss * n_ranks / max(n_total, 1)).backward()
+        # No early exit on a non-finite loss: under DDP/FSDP every backward is a collective, so a rank that
+        # skipped one would hang the others. The poisoned gradients are thrown away below.
+        finite = finite and bool(torch.isfinite(loss))
+        scaled = loss * n_ranks / max(n_total, 1)
+        if i == 0 and extra_loss is not None:
+            scaled = scaled + extra_loss()  # the same on every rank, so DDP's averaging leaves it as is
+        scaled.backward()
         total += float(loss.detach())
-    grad_norm = None
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if max_grad_norm:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    else:
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+    finite = finite and math.isfinite(grad_norm)
+    # One all-reduce gives every rank the global loss, token count and whether ANY rank saw NaN/Inf, so all
+    # ranks step or skip together (a rank stopping alone would leave the others waiting in a collective).
+    total, bad_ranks, input_tokens = _global_sums(total, float(not finite), input_tokens)
+    finite = bad_ranks == 0
     bad = None
     if finite:
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
-        finite = math.isfinite(grad_norm)
-    if finite:
         optimizer.step()
+        if after_update is not None:
+            after_update()
     else:
-        bad = first_nonfinite(model) or "the loss (parameters and gradients are finite)"
+        bad = first_nonfinite(model) or ("the loss (parameters and gradients are finite)" if not math.isfinite(total)
+                                         or not math.isfinite(grad_norm) else "the loss on another rank")
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
         with warnings.catch_warnings():  # a skipped update still advances the schedule; torch warns about that
             warnings.simplefilter("ignore", UserWarning)
             scheduler.step()
-    total = global_sum(total)  # distributed: the global batch's loss (every rank reports the same)
-    return StepResult(total / max(n_total, 1), n_total, input_tokens, grad_norm, finite, bad)
+    return StepResult(total / max(n_total, 1), n_total, int(input_tokens), grad_norm, finite, bad)
+
+
+def _global_sums(*values: float) -> tuple[float, ...]:
+    """Returns the values summed over ranks in one all-reduce (the values themselves in a single process)."""
+    import torch.distributed as dist
+
+    from lorakit.train.distributed import _comm_device, is_distributed
+    if not is_distributed() or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return tuple(t.tolist())
 
 
 @torch.no_grad()
@@ -274,9 +324,10 @@ def evaluate_loss(model: nn.Module, examples: Sequence[dict], batch_size: int, p
     """Returns the mean cross-entropy per target token over `examples` (nan when there are none)."""
     was_training = model.training
     model.eval()
+    device = model_device(model)
     total, n = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        loss, k = loss_sum(model, collate(examples[i:i + batch_size], pad_token_id))
+        loss, k = loss_sum(model, to_device(collate(examples[i:i + batch_size], pad_token_id), device))
         total, n = total + float(loss), n + k
     model.train(was_training)
     return total / n if n else float("nan")
@@ -306,7 +357,8 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence[str], max_new
     out: list[str] = [""] * len(prompts)
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
-        batch = collate([{"input_ids": encoded[i]} for i in chunk], pad, padding_side="left")
+        batch = to_device(collate([{"input_ids": encoded[i]} for i in chunk], pad, padding_side="left"),
+                          model_device(model))
         gen = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              generation_config=config)
         for row, i in enumerate(chunk):

@@ -72,6 +72,8 @@ class TrainOptions:
     quantize: str = _opt("none", "quantize the frozen base: none or nf4 (QLoRA)")
     strategy: str = _opt("auto", "several processes (torchrun): ddp, fsdp (shard the frozen base), or auto "
                          "(ddp when launched with several processes); see docs/distributed.md")
+    device: str = _opt("auto", "where to train: auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, "
+                       "cuda, cuda:N")
     # -- evaluation, checkpoints, logging
     eval_every: int = _opt(0, "eval loss every N steps (0 = only at the end)")
     save_every: int = _opt(50, "write a checkpoint every N steps (0 = only at the end)")
@@ -100,6 +102,15 @@ class TrainOptions:
     fan_in_fan_out: bool = _opt(False, "base weights stored (in, out) (GPT-2 Conv1D; detected automatically)")
     enable_lora: dict[str, list[bool]] | None = _opt(None, "fused projections: {pattern: [True, False, True]}")
     task_type: str | None = _opt("CAUSAL_LM", "PEFT task type written to adapter_config.json")
+    # -- adaptive rank (AdaLoRA-style, lorakit.adaptive): start at r, end at an average of adaptive_target_r
+    adaptive_rank: bool = _opt(False, "prune the least important singular directions during training, from r "
+                               "down to an average of adaptive_target_r per module; saves per-module ranks")
+    adaptive_target_r: int | None = _opt(None, "average rank at the end; none = r // 2")
+    adaptive_warmup: int | None = _opt(None, "steps at full rank before pruning starts; none = a tenth of the steps")
+    adaptive_final: int | None = _opt(None, "last steps at the target budget with the ranks frozen; "
+                                      "none = a fifth of the steps")
+    adaptive_orth_reg: float = _opt(0.1, "weight of the orthogonality penalty on the P, Q factors")
+    adaptive_interval: int = _opt(1, "re-allocate the ranks every N steps")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -135,6 +146,33 @@ class TrainOptions:
             if value not in allowed:
                 bad(name, f"must be one of {', '.join(allowed)}, got {value!r}.{did_you_mean(str(value), allowed)}")
         self.lora_config()  # LoraConfig validates the LoRA fields
+        if self.device != "auto":
+            try:
+                import torch
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                bad("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.adaptive_rank:
+            target = self.adaptive_target()
+            if not 1 <= target <= self.r:
+                bad("adaptive_target_r", f"must be in [1, r={self.r}], got {target}")
+            for name in ("adaptive_warmup", "adaptive_final"):
+                if getattr(self, name) is not None and getattr(self, name) < 0:
+                    bad(name, f"must be >= 0, got {getattr(self, name)}")
+            if self.adaptive_orth_reg < 0:
+                bad("adaptive_orth_reg", f"must be >= 0, got {self.adaptive_orth_reg}")
+            if self.adaptive_interval < 1:
+                bad("adaptive_interval", f"must be >= 1, got {self.adaptive_interval}")
+
+    def adaptive_target(self) -> int:
+        """Returns the average rank adaptive training ends at (adaptive_target_r, else r // 2)."""
+        return self.adaptive_target_r if self.adaptive_target_r is not None else max(1, self.r // 2)
+
+    def adaptive_phases(self, n_steps: int) -> tuple[int, int]:
+        """Returns (warmup, final) step counts of the adaptive budget schedule for a run of n_steps."""
+        warmup = self.adaptive_warmup if self.adaptive_warmup is not None else n_steps // 10
+        final = self.adaptive_final if self.adaptive_final is not None else n_steps // 5
+        return warmup, final
 
     def lora_config(self) -> LoraConfig:
         """Returns the LoraConfig these options describe."""

@@ -1,8 +1,9 @@
 """The LoRA fine-tuning recipe, top to bottom: what `lorakit train` runs.
 
-    load model -> (quantize) -> data -> baseline accuracy -> inject LoRA -> optimizer + schedule
-    -> (resume) -> steps [progress bar, metrics, eval, checkpoints, NaN and signal checks]
-    -> final eval + accuracy -> adapter, metrics.jsonl, plot.png, config.yaml, README.md
+    load model -> device -> (quantize) -> data -> baseline accuracy -> inject LoRA -> (adaptive rank)
+    -> optimizer + schedule -> (resume) -> steps [progress bar, metrics, eval, checkpoints, NaN and signal checks]
+    -> (adaptive rank: finalize to per-module ranks) -> final eval + accuracy
+    -> adapter, metrics.jsonl, plot.png, config.yaml, README.md
 
 Only rank 0 (see loop.dist_env) prints and writes files, so the same recipe can run under torchrun.
 """
@@ -20,7 +21,7 @@ from lorakit.errors import ConfigError, DataError
 from lorakit.train.checkpoint import find_latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from lorakit.train.loop import (DataPosition, StopRequest, TrainingDiverged, build_optimizer, build_scheduler,
                                 dist_env, enable_gradient_checkpointing, evaluate_accuracy, evaluate_loss,
-                                iterate_batches, seed_everything, total_steps, train_step)
+                                iterate_batches, model_device, resolve_device, seed_everything, total_steps, train_step)
 from lorakit.train.options import TrainOptions, dump_yaml
 from lorakit.train.report import MetricsLog, plot_metrics, write_readme
 
@@ -95,10 +96,11 @@ def _spread(records: list[dict], n: int) -> list[dict]:
 
 
 def prepare_model(o: TrainOptions, log=print):
-    """Returns (model, tokenizer) loaded for the options, quantized when quantize=nf4."""
+    """Returns (model, tokenizer) loaded for the options, on o.device, quantized when quantize=nf4."""
     from lorakit.models import load_model
 
     model, tokenizer = load_model(o.model)
+    model.to(resolve_device(o.device))  # before quantizing: bitsandbytes quantizes on the weight's device
     if o.quantize == "nf4":
         from lorakit.quant import quantize  # optional: needs bitsandbytes
         model = quantize(model) or model
@@ -162,12 +164,22 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
     lorakit.inject(model, o.lora_config())
     if o.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    controller = None
+    if o.adaptive_rank:  # before the optimizer: it swaps the A factors for P·diag(λ)·Q triplets
+        from lorakit.adaptive import enable_adaptive_rank
+        warmup, final = o.adaptive_phases(n_steps)
+        controller = enable_adaptive_rank(model, None, o.adaptive_target(), n_steps, warmup, final,
+                                          orth_reg=o.adaptive_orth_reg, interval=o.adaptive_interval, seed=o.seed)
+        say(f"adaptive rank: r={o.r} -> an average of {o.adaptive_target()} over {len(controller.layers)} modules "
+            f"(budget {controller.init_budget} -> {controller.target_budget}; warmup {warmup}, final {final} steps)")
     trainable, total = lorakit.trainable_parameters(model)
     results["trainable_parameters"] = trainable
     say(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%); "
         f"{len(train_ex)} examples, {n_steps} steps of {o.batch_size} x {o.grad_accum} x {world}")
     optimizer = build_optimizer(model, o.lr, o.weight_decay, o.lora_plus_ratio, o.adam_betas)
     scheduler = build_scheduler(optimizer, o.warmup_steps, n_steps, o.min_lr_ratio)
+    if controller is not None:
+        scheduler = _WithAdaptive(scheduler, controller, model_device(model))
     position, step, tokens_seen = DataPosition(), 0, 0
     if ckpt is not None:
         state, position = load_checkpoint(ckpt, model, optimizer, scheduler)
@@ -188,8 +200,10 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
     with StopRequest() as stop, _progress(main and o.progress, n_steps, step, console) as bar:
         while step < n_steps:
             t0 = time.time()
+            adaptive = {} if controller is None else dict(
+                extra_loss=controller.penalty, after_update=lambda s=step: controller.step(model, s))
             result = train_step(train_model, [next(batches) for _ in range(o.grad_accum)], optimizer, scheduler,
-                                o.max_grad_norm)
+                                o.max_grad_norm, **adaptive)
             stop.signum = agree_stop(stop.signum)  # distributed: every rank stops after the same step
             step += 1
             if not result.finite:
@@ -209,7 +223,8 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
             if step % o.log_every == 0 or step == n_steps:
                 metrics.write({"step": step, "loss": result.loss, "lr": lr, "tokens_per_s": round(tps, 1),
                                "grad_norm": result.grad_norm, "epoch": position.epoch, "tokens_seen": tokens_seen,
-                               "finite": result.finite})
+                               "finite": result.finite,
+                               **({"rank_budget": controller.budget} if controller is not None else {})})
             bar(step, result.loss, lr, tps)
             if o.eval_every and step % o.eval_every == 0 and eval_ex and step < n_steps:
                 eval_loss = evaluate_loss(model, eval_ex, o.eval_batch_size, pad_id)
@@ -232,6 +247,12 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
         if main:
             save_checkpoint(out, step, model, optimizer, scheduler, position, ckpt_state())
             prune_checkpoints(out, o.keep_checkpoints)
+        if controller is not None:
+            # after the last checkpoint (it keeps the triplet form a resume needs); exact: pruned λ are zero
+            ranks = controller.finalize(model)
+            results["adaptive_ranks"] = ranks
+            say(f"adaptive rank: {sum(ranks.values())} = budget {controller.target_budget} over {len(ranks)} "
+                f"modules, ranks {min(ranks.values())}..{max(ranks.values())}")
         if eval_ex:
             eval_loss = evaluate_loss(model, eval_ex, o.eval_batch_size, pad_id)
             metrics.write({"step": step, "eval_loss": eval_loss})
@@ -253,6 +274,44 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
     results["model"], results["tokenizer"] = model, tokenizer
     return results
+
+
+class _WithAdaptive:
+    """The LR scheduler plus the adaptive-rank controller, so that checkpoints carry both in scheduler.pt.
+
+    Why: a resumed adaptive run needs the controller's importance statistics and masks of the same step.
+    The triplet factors themselves are trainable parameters and land in trainable.safetensors as they are.
+    """
+
+    def __init__(self, scheduler, controller, device: torch.device) -> None:
+        self.scheduler, self.controller, self.device = scheduler, controller, device
+
+    def step(self) -> None:
+        self.scheduler.step()
+
+    def get_last_lr(self) -> list[float]:
+        return self.scheduler.get_last_lr()
+
+    def state_dict(self) -> dict:
+        """Returns {"scheduler": ..., "adaptive": ...} with the controller's tensors on the CPU."""
+        return {"scheduler": self.scheduler.state_dict(), "adaptive": _tensors_to(self.controller.state_dict(), "cpu")}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores both; KeyError for a checkpoint of a run without adaptive rank."""
+        if "adaptive" not in state:
+            raise KeyError("no adaptive-rank state: the checkpoint is from a run without --adaptive-rank")
+        self.scheduler.load_state_dict(state["scheduler"])
+        adaptive = dict(state["adaptive"])  # statistics live with the factors; the masks stay on the CPU
+        adaptive["ipt"], adaptive["unc"] = _tensors_to(adaptive["ipt"], self.device), _tensors_to(adaptive["unc"],
+                                                                                                  self.device)
+        self.controller.load_state_dict(adaptive)
+
+
+def _tensors_to(obj, device):
+    """Returns nested dicts with every tensor moved to `device`."""
+    if isinstance(obj, dict):
+        return {k: _tensors_to(v, device) for k, v in obj.items()}
+    return obj.to(device) if isinstance(obj, torch.Tensor) else obj
 
 
 class _progress:
@@ -292,7 +351,7 @@ def command_line(o: TrainOptions) -> str:
 
 
 def load_for_inference(model_spec: str | None, adapter: str | None, template: str | None = None,
-                       system: str | None = None):
+                       system: str | None = None, device: str = "auto"):
     """Returns (model, tokenizer, template, system) with the adapter loaded; template/system default to the run's.
 
     An adapter written by `lorakit train` sits in a run folder whose config.yaml names the template and
@@ -315,6 +374,7 @@ def load_for_inference(model_spec: str | None, adapter: str | None, template: st
                     pass
                 break
     model, tokenizer = load_model(model_spec or run_cfg.get("model") or "default")
+    model.to(resolve_device(device))
     if run_cfg.get("quantize") == "nf4":
         from lorakit.quant import quantize
         model = quantize(model) or model
