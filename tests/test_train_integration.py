@@ -157,6 +157,12 @@ def test_a_nan_on_another_rank_skips_the_step_here(monkeypatch):
         if p.requires_grad:
             assert torch.equal(p, before[n])
 
+    monkeypatch.setattr(loop, "_global_sums", lambda *v: v)
+    real = loop.loss_sum
+    monkeypatch.setattr(loop, "loss_sum", lambda m, b: (lambda loss, n: (loss * float("nan"), n))(*real(m, b)))
+    r = loop.train_step(model, [batch, batch], opt)  # every micro-batch still runs its backward (collectives)
+    assert not r.finite and r.bad == "the loss (parameters are finite)"
+
 
 def test_a_nan_on_one_of_two_ddp_ranks_stops_both_without_hanging(tmp_path):
     # a real 2-process gloo group (this file as torchrun's worker): rank 1 alone sees a NaN loss

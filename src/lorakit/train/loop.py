@@ -269,13 +269,13 @@ def train_step(model: nn.Module, micro_batches: Sequence[dict], optimizer, sched
     n_total, n_ranks = global_tokens(n_total)
     input_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                        for b in micro_batches)
-    total, finite = 0.0, True
+    total, loss_finite = 0.0, True
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(micro_batches):
         loss, _ = loss_sum(model, batch)
         # No early exit on a non-finite loss: under DDP/FSDP every backward is a collective, so a rank that
         # skipped one would hang the others. The poisoned gradients are thrown away below.
-        finite = finite and bool(torch.isfinite(loss))
+        loss_finite = loss_finite and bool(torch.isfinite(loss))
         scaled = loss * n_ranks / max(n_total, 1)
         if i == 0 and extra_loss is not None:
             scaled = scaled + extra_loss()  # the same on every rank, so DDP's averaging leaves it as is
@@ -286,7 +286,7 @@ def train_step(model: nn.Module, micro_batches: Sequence[dict], optimizer, sched
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
     else:
         grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
-    finite = finite and math.isfinite(grad_norm)
+    finite = loss_finite and math.isfinite(grad_norm)
     # One all-reduce gives every rank the global loss, token count and whether ANY rank saw NaN/Inf, so all
     # ranks step or skip together (a rank stopping alone would leave the others waiting in a collective).
     total, bad_ranks, input_tokens = _global_sums(total, float(not finite), input_tokens)
@@ -297,8 +297,10 @@ def train_step(model: nn.Module, micro_batches: Sequence[dict], optimizer, sched
         if after_update is not None:
             after_update()
     else:
-        bad = first_nonfinite(model) or ("the loss (parameters and gradients are finite)" if not math.isfinite(total)
-                                         or not math.isfinite(grad_norm) else "the loss on another rank")
+        bad = first_nonfinite(model)
+        if not loss_finite and (bad is None or bad.startswith("gradient")):  # the NaN loss poisoned the grads
+            bad = "the loss (parameters are finite)"
+        bad = bad or "the loss or gradients on another rank"
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
         with warnings.catch_warnings():  # a skipped update still advances the schedule; torch warns about that
