@@ -335,15 +335,11 @@ def test_merge_missing_adapter(env, tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="cli/merge.py: --out inside a file reaches atomic_write_dir's mkdir and "
-                   "fails with FileExistsError as an unexpected error (exit 1 + log) after the whole merge")
 def test_merge_out_inside_a_file(env, tmp_path, capsys):
     cli_error(capsys, ["merge", "--base", env / "model", "--adapter", env / "adapter", "--out", env / "afile" / "m"],
               "afile", roots=(env, tmp_path))
 
 
-@pytest.mark.xfail(strict=True, reason="cli/merge.py + io.atomic_write_dir: --out naming an existing FILE replaces "
-                   "it with the model folder and leaves the file renamed to .afile.old-PID (rmtree on a file)")
 def test_merge_out_is_an_existing_file(env, tmp_path, capsys):
     target = shutil.copy(env / "afile", tmp_path / "notes.txt")
     cli_error(capsys, ["merge", "--base", env / "model", "--adapter", env / "adapter", "--out", target],

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.errors import AdapterFileError, ConfigError
+from lorakit.errors import AdapterFileError, ConfigError, LorakitError
 from lorakit.inject import (_base_of, _matches, _output_head_names, _plain_modules, adapter_configs,
                             check_adapter_name, find_targets, inject, is_linear)
 from lorakit.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, LoraMergedLinear, ModulesToSave
@@ -42,6 +42,7 @@ def atomic_write_dir(directory: str | os.PathLike, write) -> Path:
     either the old or the new folder, never a mix.
     """
     final = Path(directory)
+    check_output_dir(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
@@ -65,6 +66,20 @@ def atomic_write_dir(directory: str | os.PathLike, write) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return final
+
+
+def check_output_dir(directory: str | os.PathLike) -> Path:
+    """Returns `directory` if a folder can be written there; raises LorakitError when a file is in the way."""
+    final = Path(directory)
+    if final.exists() and not final.is_dir():
+        raise LorakitError(f"{final} exists and is a file; refusing to replace it with a folder. "
+                           f"Choose another output path or move the file away.")
+    for parent in final.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LorakitError(f"cannot create {final}: {parent} is a file, not a folder. Choose another output path.")
+            break
     return final
 
 
