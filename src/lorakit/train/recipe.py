@@ -119,9 +119,6 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
     out, ckpt = resolve_resume(o.resume, o.out, say)
     out = out or default_out_dir()
     o.out = str(out)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_yaml(o), encoding="utf-8")
     seed_everything(o.seed)
 
     # -- model and data
@@ -141,6 +138,11 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
     eval_ex, _ = tokenize_records(data["eval_records"], tokenizer, template=o.template, max_seq_len=o.max_seq_len,
                                   system=o.system)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # Only now, with model and data loaded, does the run get a folder: a bad input leaves nothing behind and
+    # never overwrites the config.yaml an earlier run (and its --resume) depends on.
+    if main and ckpt is None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_yaml(o), encoding="utf-8")
     n_steps = total_steps(len(train_ex), o.batch_size, o.grad_accum, o.max_steps, o.epochs, world)
     do_acc = o.accuracy and bool(data["eval_records"])
     acc_args = dict(template=o.template, system=o.system, batch_size=o.eval_batch_size, max_new_tokens=o.max_new_tokens)
@@ -183,6 +185,8 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
     position, step, tokens_seen = DataPosition(), 0, 0
     if ckpt is not None:
         state, position = load_checkpoint(ckpt, model, optimizer, scheduler)
+        if main:  # the checkpoint fits these options: from now on they are the run's
+            (out / "config.yaml").write_text(dump_yaml(o), encoding="utf-8")
         step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
         before = state.get("accuracy_before")
         metrics.truncate_after(step)
