@@ -17,13 +17,6 @@ from lorakit.train.report import read_metrics
 from train_fixtures import alpaca_rows, write_jsonl, write_tiny_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):

@@ -19,14 +19,6 @@ from lorakit.train.options import TrainOptions, dump_yaml, load_options, lora_fi
 from train_fixtures import alpaca_rows, tiny_model, tiny_tokenizer, write_jsonl, write_tiny_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a busy 2-core machine 2 threads are ~30x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def tok():

@@ -21,13 +21,6 @@ from train_fixtures import alpaca_rows, write_jsonl, write_tiny_model
 TARGETS = ["q_proj", "v_proj", "o_proj"]  # 6 modules on the 2-layer tiny llama
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
