@@ -187,8 +187,6 @@ def test_train_bad_data(env, tmp_path, capsys, case):
     train_error(env, tmp_path, capsys, [a.format(env=env) for a in extra], *messages)
 
 
-@pytest.mark.xfail(strict=True, reason="train/data.py validate_row accepts an empty 'output' (issue 9 lists "
-                   "empty outputs as a bad row); the row trains on EOS only")
 def test_train_empty_output_string(env, tmp_path, capsys):
     train_error(env, tmp_path, capsys, ["--data", env / "empty_output.jsonl"],
                 "empty_output.jsonl, line 2, field 'output'")
@@ -289,15 +287,11 @@ def test_remote_code_model_is_refused_and_its_code_never_runs(env, tmp_path, cap
     assert not (env / "remote" / "PWNED").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="models.py passes on transformers' multi-line message, which names the "
-                   "Python argument trust_remote_code=True, not the CLI flag --trust-remote-code")
 def test_remote_code_refusal_is_one_line_naming_the_flag(env, tmp_path, capsys):
     cli_error(capsys, ["merge", "--base", env / "remote", "--adapter", env / "adapter", "--out", tmp_path / "m"],
               "--trust-remote-code", roots=(env, tmp_path))
 
 
-@pytest.mark.xfail(strict=True, reason="models.load_model does not compare len(tokenizer) with the model's "
-                   "embedding rows; ids past the embedding fail later with an IndexError (exit 1)")
 def test_tokenizer_larger_than_embedding_is_refused(env):
     with pytest.raises(ModelLoadError, match="vocab"):
         load_model(env / "small_vocab")

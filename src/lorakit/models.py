@@ -18,6 +18,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import logging
+import json
 import os
 import re
 import shutil
@@ -192,8 +193,25 @@ def _is_hub_unreachable(exc: BaseException) -> bool:
     return False
 
 
+def _refuse_remote_code(folder: Path) -> None:
+    # transformers refuses too, but in three lines naming the Python argument; say it once, with the CLI flag.
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # transformers' own loader reports unreadable configs
+    if isinstance(config, dict) and config.get("auto_map"):
+        raise ModelLoadError(f"Could not load the model in {folder}: it ships its own Python code (auto_map in "
+                             f"config.json), which lorakit never runs unless asked; pass --trust-remote-code "
+                             f"(Python: trust_remote_code=True) only if you trust its author.")
+
+
 def _finish(model, tokenizer, name_or_path: str):
     """Returns (model, tokenizer) in eval mode with a pad token and a stable name_or_path recorded."""
+    rows = model.get_input_embeddings().num_embeddings if model.get_input_embeddings() is not None else None
+    if rows is not None and len(tokenizer) > rows:
+        raise ModelLoadError(f"{name_or_path}: the tokenizer has {len(tokenizer)} tokens but the model's embedding "
+                             f"has only {rows} rows (vocab mismatch): token ids past {rows - 1} would crash. Use the "
+                             f"tokenizer saved with this model, or resize the model's embeddings first.")
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so any existing token works; eos is
         # the convention (Alpaca-LoRA, torchtune) and keeps the vocabulary unchanged.
@@ -227,6 +245,8 @@ def load_model(spec: str | os.PathLike | None = None, *, dtype: torch.dtype = to
         if not (path / "config.json").exists():
             raise ModelLoadError(f"Model folder {path} has no config.json; it is not a transformers model "
                                  f"folder. Pass a folder written by save_pretrained, or a .gguf file.")
+        if not trust_remote_code:
+            _refuse_remote_code(path)
         try:
             model, tok = _load_folder(path, dtype, trust_remote_code)
         except ModelLoadError:

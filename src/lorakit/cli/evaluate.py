@@ -20,6 +20,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="held-out accuracy and loss of a model with a LoRA adapter",
                               description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="base model (default: the run's model, else the embedded default)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model folder run its own Python code (off by default)")
     p.add_argument("--adapter", default=None, help="adapter folder or checkpoint folder (default: none, base model)")
     p.add_argument("--data", default=None, help="JSON/JSONL Alpaca rows (default: the embedded held-out split)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -52,7 +54,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     records = records[:args.limit] if args.limit else records
     if any("output" not in r for r in records):
         raise DataError(f"{args.data}: eval needs Alpaca rows with an 'output' (the expected answer)")
-    model, tokenizer, template, system = load_for_inference(args.model, args.adapter, args.template, args.system)
+    model, tokenizer, template, system = load_for_inference(args.model, args.adapter, args.template, args.system,
+                                                            trust_remote_code=args.trust_remote_code)
     acc = evaluate_accuracy(model, tokenizer, records, template, system, args.batch_size, args.max_new_tokens)
     examples, _ = tokenize_records(records, tokenizer, template=template, max_seq_len=args.max_seq_len, system=system)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -19,6 +19,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", help="the instruction (omit with --chat)")
     p.add_argument("--model", default=None, help="base model (default: the run's model, else the embedded default)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model folder run its own Python code (off by default)")
     p.add_argument("--adapter", default=None, help="adapter folder (PEFT format) or a checkpoint folder")
     p.add_argument("--input", default="", help="Alpaca 'input' field: context for the instruction (default: none)")
     p.add_argument("--template", choices=("auto", "chat", "alpaca"), default=None,
@@ -41,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give a prompt (lorakit generate \"...\") or use --chat for interactive mode")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    model, tokenizer, template, system = load_for_inference(args.model, args.adapter, args.template, args.system)
+    model, tokenizer, template, system = load_for_inference(args.model, args.adapter, args.template, args.system,
+                                                            trust_remote_code=args.trust_remote_code)
 
     def answer(text: str, context: str = "") -> str:
         prompt = render_prompt({"instruction": text, "input": context}, tokenizer, template, system)

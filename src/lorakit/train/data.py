@@ -198,8 +198,10 @@ def validate_row(row, kind: str) -> dict:
         for name in ("instruction", "input", "output"):
             if name in row and row[name] is not None and not isinstance(row[name], str):
                 raise ValueError(f"{name}: expected a string, got {type(row[name]).__name__}")
-        if not row["instruction"].strip():
+        if not isinstance(row["instruction"], str) or not row["instruction"].strip():
             raise ValueError("instruction: empty")
+        if not isinstance(row["output"], str) or not row["output"].strip():
+            raise ValueError("output: empty (a row needs an answer to train on; remove it or use --skip-bad-rows)")
         return {**row, "input": row.get("input") or ""}
     if kind == "chat":
         msgs = row["messages"]

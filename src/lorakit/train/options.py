@@ -47,6 +47,8 @@ class TrainOptions:
     out: str | None = _opt(None, "output folder; none = runs/<YYYYmmdd-HHMMSS>")
     resume: str | None = _opt(None, "'latest' (the newest complete checkpoint in --out, or the newest run in "
                               "runs/), an output folder, or a checkpoint folder")
+    trust_remote_code: bool = _opt(False, "let a model folder run its own Python code (auto_map); only for "
+                                          "models whose authors you trust")
     template: str = _opt("auto", "prompt template: auto (chat template when the tokenizer has one), chat, alpaca")
     system: str | None = _opt(None, "system prompt for chat templates")
     max_seq_len: int = _opt(256, "longest example in tokens; longer rows are truncated (and counted)")

@@ -99,7 +99,7 @@ def prepare_model(o: TrainOptions, log=print):
     """Returns (model, tokenizer) loaded for the options, on o.device, quantized when quantize=nf4."""
     from lorakit.models import load_model
 
-    model, tokenizer = load_model(o.model)
+    model, tokenizer = load_model(o.model, trust_remote_code=o.trust_remote_code)
     model.to(resolve_device(o.device))  # before quantizing: bitsandbytes quantizes on the weight's device
     if o.quantize == "nf4":
         from lorakit.quant import quantize  # optional: needs bitsandbytes
@@ -355,7 +355,7 @@ def command_line(o: TrainOptions) -> str:
 
 
 def load_for_inference(model_spec: str | None, adapter: str | None, template: str | None = None,
-                       system: str | None = None, device: str = "auto"):
+                       system: str | None = None, device: str = "auto", trust_remote_code: bool = False):
     """Returns (model, tokenizer, template, system) with the adapter loaded; template/system default to the run's.
 
     An adapter written by `lorakit train` sits in a run folder whose config.yaml names the template and
@@ -377,7 +377,7 @@ def load_for_inference(model_spec: str | None, adapter: str | None, template: st
                 except ConfigError:
                     pass
                 break
-    model, tokenizer = load_model(model_spec or run_cfg.get("model") or "default")
+    model, tokenizer = load_model(model_spec or run_cfg.get("model") or "default", trust_remote_code=trust_remote_code)
     model.to(resolve_device(device))
     if run_cfg.get("quantize") == "nf4":
         from lorakit.quant import quantize
