@@ -1,7 +1,7 @@
 """Training-step speed and peak memory: lorakit LoRA vs PEFT LoRA vs full fine-tuning vs the floor.
 
     parent ──spawn──► one worker process per mode (its own model, its own peak RSS)
-       │  round 1:  lorakit  peft  full  floor  lorakit-gc  base  unmerged  merged
+       │  round 1:  lorakit  peft  full  floor  lorakit-gc  lorakit-gc-ce  base  unmerged  merged
        │  round 2:  lorakit  peft  full  ...                 (interleaved: slow drifts hit every mode alike)
        └─ medians of the quiet steps ─► table (absolute + ratios) ─► JSON
 
@@ -16,6 +16,8 @@ utilisation is recorded either way. Modes:
     full        every weight trainable, AdamW
     floor       every weight frozen, gradients only w.r.t. the input embeddings (no optimizer)
     lorakit-gc  lorakit with gradient checkpointing (non-reentrant)
+    lorakit-gc-ce   lorakit-gc with the loss head lorakit.functional.linear_cross_entropy (chunked: never all
+                the 4 x 256 x 32000 logits at once; same loss); the recipe's memory once its loss_sum uses it
     compile     lorakit with torch.compile of the wrapped model
     infer       forward-only latency (eval, no_grad): base model vs lorakit unmerged vs merged
     embedded    lorakit and PEFT on the embedded model (skipped when it is not installed)
@@ -42,9 +44,9 @@ PRESETS = {
     "full": dict(hidden=1024, layers=8, heads=16, intermediate=2816, vocab=32000, batch=4, seq=256, steps=5, warmup=2),
     "small": dict(hidden=256, layers=2, heads=4, intermediate=704, vocab=4000, batch=2, seq=128, steps=7, warmup=2),
 }
-TRAIN_MODES = ["lorakit", "lorakit-fused", "peft", "full", "floor", "lorakit-gc", "compile"]
+TRAIN_MODES = ["lorakit", "lorakit-fused", "peft", "full", "floor", "lorakit-gc", "lorakit-gc-ce", "compile"]
 ALL_MODES = TRAIN_MODES + ["infer", "embedded"]
-DEFAULT_MODES = ["lorakit", "peft", "full", "floor", "lorakit-gc", "infer"]
+DEFAULT_MODES = ["lorakit", "peft", "full", "floor", "lorakit-gc", "lorakit-gc-ce", "infer"]
 INFER_VARIANTS = ["base", "unmerged", "merged"]
 EMBEDDED_VARIANTS = ["embedded-lorakit", "embedded-peft"]
 
@@ -120,9 +122,9 @@ def train_step_fn(mode: str, a):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (a.batch, a.seq), generator=g)
     model.train()
-    if mode in ("lorakit", "lorakit-fused", "lorakit-gc", "compile", "embedded-lorakit"):
+    if mode in ("lorakit", "lorakit-fused", "lorakit-gc", "lorakit-gc-ce", "compile", "embedded-lorakit"):
         lorakit_model(model, a, fuse=(mode == "lorakit-fused" or a.fuse))
-        if mode == "lorakit-gc":
+        if mode.startswith("lorakit-gc"):
             enable_checkpointing(model)
     elif mode in ("peft", "embedded-peft"):
         model = peft_model(model, a)
@@ -140,6 +142,15 @@ def train_step_fn(mode: str, a):
         def step():
             x = emb(ids).detach().requires_grad_(True)
             fwd(inputs_embeds=x, labels=ids).loss.backward()
+    elif mode == "lorakit-gc-ce":
+        from lorakit.functional import linear_cross_entropy
+        head, targets = model.get_output_embeddings(), ids[:, 1:]
+
+        def step():  # the mean next-token loss, as labels=ids gives, without the (N, vocab) logits
+            opt.zero_grad(set_to_none=True)
+            h = model.model(input_ids=ids).last_hidden_state[:, :-1]
+            (linear_cross_entropy(h, head.weight, head.bias, targets) / targets.numel()).backward()
+            opt.step()
     else:
         def step():
             opt.zero_grad(set_to_none=True)
@@ -327,7 +338,8 @@ def measure(a, argv, log) -> dict:
 RATIOS = [("lorakit", "peft"), ("lorakit", "floor"), ("floor", "peft"), ("lorakit-fused", "peft"),
           ("lorakit-fused", "floor"), ("lorakit", "full"), ("peft", "floor"), ("compile", "lorakit"),
           ("unmerged", "base"), ("merged", "base"), ("embedded-lorakit", "embedded-peft")]
-MEM_RATIOS = [("lorakit", "peft"), ("lorakit-fused", "peft"), ("lorakit-gc", "peft"), ("lorakit", "floor")]
+MEM_RATIOS = [("lorakit", "peft"), ("lorakit-fused", "peft"), ("lorakit-gc", "peft"), ("lorakit-gc-ce", "peft"),
+              ("lorakit", "floor")]
 
 
 def ratios(res: dict) -> dict:

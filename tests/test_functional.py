@@ -125,3 +125,51 @@ def test_lora_linear_shared_with_an_unused_output():
     (gx,) = torch.autograd.grad(q.sum(), [x])  # k unused: its gradient arrives as zeros
     (want,) = torch.autograd.grad((x @ w.t() + b + S * (x @ A.t()) @ B.t()).sum(), [x])
     torch.testing.assert_close(gx, want, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- no-grad fast path
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_no_grad_path_skips_autograd_and_equals_the_grad_path(bias, monkeypatch):
+    import lorakit.functional as F_
+    x, w, b, A, B = _tensors((2, 5), bias, train_base=False)
+    with_grad = lora_linear(x, w, b, A, B, S)
+    lx = x * _mask(x, 0.3)
+    shared_grad = lora_linear_shared(x, [w, w], [b, b], [A, A[:2]], [B, B[:, :2]], [S, 0.5])
+    delta_grad = lora_delta(with_grad, lx, A, B, S)
+
+    def refuse(*a, **k):
+        raise AssertionError("autograd.Function used without a gradient")
+    for fn in ("_LoraLinear", "_LoraLinearShared", "_LoraDelta"):
+        monkeypatch.setattr(getattr(F_, fn), "apply", refuse)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            assert torch.equal(lora_linear(x, w, b, A, B, S), with_grad)  # same ops: bit for bit
+            for o, r in zip(lora_linear_shared(x, [w, w], [b, b], [A, A[:2]], [B, B[:, :2]], [S, 0.5]), shared_grad):
+                assert torch.equal(o, r)
+            torch.testing.assert_close(lora_delta(with_grad, lx, A, B, S), delta_grad, rtol=1e-12, atol=1e-12)
+    # grad enabled but nothing requires grad: also the plain path
+    d = [t.detach() if t is not None else None for t in (x, w, b, A, B)]
+    assert not lora_linear(*d, S).requires_grad
+
+
+# ------------------------------------------------------------------------------------------- linear_cross_entropy
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("train_head", [False, True], ids=["frozen", "trained"])
+@pytest.mark.parametrize("chunk", [4, 64])
+def test_linear_cross_entropy_matches_full_logits(bias, train_head, chunk):
+    from lorakit.functional import linear_cross_entropy
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 7, K, generator=g, requires_grad=True)
+    w = torch.randn(50, K, generator=g).requires_grad_(train_head)
+    b = torch.randn(50, generator=g).requires_grad_(train_head) if bias else None
+    t = torch.randint(0, 50, (3, 7), generator=g)
+    t[0, 2] = t[2, 6] = -100
+    ins = [v for v in (h, w, b) if v is not None and v.requires_grad]
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b).reshape(-1, 50), t.reshape(-1),
+                                            reduction="sum")
+    out = linear_cross_entropy(h, w, b, t, chunk=chunk)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-5)
+    for a_, r_ in zip(torch.autograd.grad(out * 0.3, ins), torch.autograd.grad(ref * 0.3, ins)):
+        torch.testing.assert_close(a_, r_, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, b, t, chunk=chunk), ref, rtol=1e-6, atol=1e-5)

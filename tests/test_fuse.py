@@ -115,3 +115,22 @@ def test_different_input_objects_are_not_confused():
     torch.testing.assert_close(g, ref.gate_proj(x1))
     assert unfuse(parent) == 2
     assert isinstance(SharedInputGroup([parent.gate_proj]), SharedInputGroup)
+
+
+def test_group_turns_itself_off_when_siblings_read_different_inputs(monkeypatch):
+    # cross-attention shape: q reads the decoder states, k and v the encoder states
+    parent = torch.nn.Module()
+    parent.q_proj, parent.k_proj, parent.v_proj = [torch.nn.Linear(6, 4, dtype=torch.float64) for _ in range(3)]
+    lorakit.inject(parent, lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"],
+                                              init_lora_weights=False))
+    ref = copy.deepcopy(parent)
+    assert fuse_shared_inputs(parent) == 1
+    calls = _count_shared_calls(monkeypatch)
+    group = parent.q_proj._shared_group
+    for _ in range(3):
+        dec, enc = torch.randn(3, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+        for name, x in (("q_proj", dec), ("k_proj", enc), ("v_proj", enc)):
+            torch.testing.assert_close(getattr(parent, name)(x), getattr(ref, name)(x), rtol=1e-12, atol=1e-12)
+    assert group.misses == 2 and group.eligible() is None
+    assert len(calls) == 2  # two wasted guesses in the first forward, then the per-layer path only
+    assert group._pending == {} and group._x is None
