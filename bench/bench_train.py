@@ -11,7 +11,7 @@ of the machine stayed idle (from /proc/stat); a noisy step is retried after a pa
 utilisation is recorded either way. Modes:
 
     lorakit     lorakit.inject LoRA (r, alpha on q,k,v,o,gate,up,down), AdamW on the factors
-    lorakit-fused   the same plus lorakit.fuse_shared_inputs (one A GEMM for q,k,v and for gate,up)
+    lorakit-unfused lorakit without fuse_shared_inputs (inject links q,k,v and gate,up to one A GEMM by default)
     peft        peft.get_peft_model with the same LoRA config
     full        every weight trainable, AdamW
     floor       every weight frozen, gradients only w.r.t. the input embeddings (no optimizer)
@@ -44,7 +44,7 @@ PRESETS = {
     "full": dict(hidden=1024, layers=8, heads=16, intermediate=2816, vocab=32000, batch=4, seq=256, steps=5, warmup=2),
     "small": dict(hidden=256, layers=2, heads=4, intermediate=704, vocab=4000, batch=2, seq=128, steps=7, warmup=2),
 }
-TRAIN_MODES = ["lorakit", "lorakit-fused", "peft", "full", "floor", "lorakit-gc", "lorakit-gc-ce", "compile"]
+TRAIN_MODES = ["lorakit", "lorakit-unfused", "peft", "full", "floor", "lorakit-gc", "lorakit-gc-ce", "compile"]
 ALL_MODES = TRAIN_MODES + ["infer", "embedded"]
 DEFAULT_MODES = ["lorakit", "peft", "full", "floor", "lorakit-gc", "lorakit-gc-ce", "infer"]
 INFER_VARIANTS = ["base", "unmerged", "merged"]
@@ -85,12 +85,11 @@ def build_model(a, seed: int = 0):
     return LlamaForCausalLM(cfg).float()
 
 
-def lorakit_model(model, a, fuse: bool = False):
+def lorakit_model(model, a, fuse: bool = True):
     import lorakit
     lorakit.inject(model, lorakit.LoraConfig(r=a.rank, lora_alpha=a.alpha, target_modules=TARGETS))
-    if fuse:
-        from lorakit.fuse import fuse_shared_inputs
-        fuse_shared_inputs(model)
+    if not fuse:
+        lorakit.unfuse(model)
     return model
 
 
@@ -122,8 +121,8 @@ def train_step_fn(mode: str, a):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (a.batch, a.seq), generator=g)
     model.train()
-    if mode in ("lorakit", "lorakit-fused", "lorakit-gc", "lorakit-gc-ce", "compile", "embedded-lorakit"):
-        lorakit_model(model, a, fuse=(mode == "lorakit-fused" or a.fuse))
+    if mode in ("lorakit", "lorakit-unfused", "lorakit-gc", "lorakit-gc-ce", "compile", "embedded-lorakit"):
+        lorakit_model(model, a, fuse=(mode != "lorakit-unfused"))
         if mode.startswith("lorakit-gc"):
             enable_checkpointing(model)
     elif mode in ("peft", "embedded-peft"):
@@ -335,10 +334,10 @@ def measure(a, argv, log) -> dict:
     return {"results": out, "skipped": skipped}
 
 
-RATIOS = [("lorakit", "peft"), ("lorakit", "floor"), ("floor", "peft"), ("lorakit-fused", "peft"),
-          ("lorakit-fused", "floor"), ("lorakit", "full"), ("peft", "floor"), ("compile", "lorakit"),
+RATIOS = [("lorakit", "peft"), ("lorakit", "floor"), ("floor", "peft"), ("lorakit-unfused", "peft"),
+          ("lorakit-unfused", "floor"), ("lorakit", "full"), ("peft", "floor"), ("compile", "lorakit"),
           ("unmerged", "base"), ("merged", "base"), ("embedded-lorakit", "embedded-peft")]
-MEM_RATIOS = [("lorakit", "peft"), ("lorakit-fused", "peft"), ("lorakit-gc", "peft"), ("lorakit-gc-ce", "peft"),
+MEM_RATIOS = [("lorakit", "peft"), ("lorakit-unfused", "peft"), ("lorakit-gc", "peft"), ("lorakit-gc-ce", "peft"),
               ("lorakit", "floor")]
 
 
@@ -373,7 +372,6 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--fuse", action="store_true", help="apply lorakit.fuse_shared_inputs in every lorakit mode")
     p.add_argument("--max-other", type=float, default=0.25, help="cores other processes may use in a quiet step")
     p.add_argument("--min-util", type=float, default=0.85, help="fraction of --threads a quiet step must get")
     p.add_argument("--retries", type=int, default=2, help="retries of a noisy step")
@@ -410,7 +408,7 @@ def parse(argv=None) -> argparse.Namespace:
 def worker_argv(a) -> list[str]:
     keys = ("hidden", "layers", "heads", "intermediate", "vocab", "batch", "seq", "warmup", "rank", "alpha", "threads")
     argv = [x for k in keys for x in (f"--{k}", str(getattr(a, k)))]
-    return argv + (["--fuse"] if a.fuse else [])
+    return argv
 
 
 def main(argv=None, args: argparse.Namespace | None = None) -> int:
@@ -439,7 +437,7 @@ def main(argv=None, args: argparse.Namespace | None = None) -> int:
                     "load_before_cores": load_before, "loadavg_after": os.getloadavg()},
         "versions": versions, "note": a.note,
         "config": {k: getattr(a, k) for k in ("hidden", "layers", "heads", "intermediate", "vocab", "batch", "seq",
-                                              "rank", "alpha", "threads", "steps", "warmup", "modes", "fuse", "metric",
+                                              "rank", "alpha", "threads", "steps", "warmup", "modes", "metric",
                                               "max_other", "min_util")},
     }
     print(table(report))

@@ -18,6 +18,7 @@ def _pair(dropout: float = 0.0, **cfg):
     model = tiny_llama().double()
     lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=dropout,
                                              init_lora_weights=False, rank_pattern={"k_proj": 2}, **cfg))
+    unfuse(model)  # inject fuses by default; these tests fuse explicitly
     fused = copy.deepcopy(model)
     return model, fused, fuse_shared_inputs(fused)
 
@@ -101,6 +102,7 @@ def test_different_input_objects_are_not_confused():
     parent.gate_proj, parent.up_proj = lin
     lorakit.inject(parent, lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["gate_proj", "up_proj"],
                                               init_lora_weights=False))
+    unfuse(parent)  # inject fuses by default; these tests fuse explicitly
     ref = copy.deepcopy(parent)
     assert fuse_shared_inputs(parent) == 1
     x1, x2 = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
@@ -123,6 +125,7 @@ def test_group_turns_itself_off_when_siblings_read_different_inputs(monkeypatch)
     parent.q_proj, parent.k_proj, parent.v_proj = [torch.nn.Linear(6, 4, dtype=torch.float64) for _ in range(3)]
     lorakit.inject(parent, lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"],
                                               init_lora_weights=False))
+    unfuse(parent)  # inject fuses by default; these tests fuse explicitly
     ref = copy.deepcopy(parent)
     assert fuse_shared_inputs(parent) == 1
     calls = _count_shared_calls(monkeypatch)
@@ -134,3 +137,12 @@ def test_group_turns_itself_off_when_siblings_read_different_inputs(monkeypatch)
     assert group.misses == 2 and group.eligible() is None
     assert len(calls) == 2  # two wasted guesses in the first forward, then the per-layer path only
     assert group._pending == {} and group._x is None
+
+
+def test_inject_fuses_by_default_and_unfuse_undoes_it():
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=TARGETS))
+    layer = model.model.layers[0]
+    assert layer.self_attn.q_proj._shared_group is layer.self_attn.v_proj._shared_group is not None
+    assert layer.mlp.gate_proj._shared_group is not None and layer.mlp.down_proj._shared_group is None
+    assert unfuse(model) == 2 * 5
