@@ -111,6 +111,43 @@ def test_loss_sum_projects_only_target_positions_exactly(tok, examples, packed):
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_loss_sum_chunked_head_gradients_equal_the_logits_path(tok, examples, packed, monkeypatch):
+    from lorakit.train.data import collate, pack_examples
+    model = lora_model(tok, dropout=0.0, init_lora_weights=False).train()
+    model.lm_head.weight.requires_grad_(True)  # the head's own gradient goes through the chunked path too
+    assert loop.chunked_head(model) == (model.model, model.lm_head)
+    monkeypatch.setattr(loop, "HEAD_BLOCK_ELEMENTS", 16 * len(tok))  # 16 rows per block: several blocks
+    batch = collate(pack_examples(examples[:6], 300) if packed else examples[:5], 0)
+    results = []
+    for split in (True, False):
+        if not split:
+            monkeypatch.setattr(loop, "chunked_head", lambda m: None)
+        model.zero_grad()
+        loss, n = loop.loss_sum(model, batch)
+        loss.backward()
+        assert n > 16
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-4)
+    assert set(g1) == set(g2) and "lm_head.weight" in g1
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_chunked_head_only_where_logits_are_exactly_the_head_of_the_hidden_states(tok):
+    from conftest import tiny_gpt2
+    assert loop.chunked_head(tiny_gpt2()) is None  # not a listed architecture
+    headed = lorakit.inject(tiny_model(len(tok)), lorakit.LoraConfig(r=2, target_modules=["lm_head"]))
+    assert loop.chunked_head(headed) is None  # the head has its own LoRA update: the model's forward runs it
+    capped = tiny_model(len(tok))
+    capped.config.final_logit_softcapping = 30.0
+    assert loop.chunked_head(capped) is None
+    wrapped = torch.nn.Module()
+    wrapped.module = tiny_model(len(tok))  # a DDP-style wrapper: its own forward must run
+    assert loop.chunked_head(wrapped) is None
+
+
 def test_batch_order_depends_only_on_seed_and_epoch():
     assert loop.batch_order(10, 3, 1, 0) == loop.batch_order(10, 3, 1, 0)
     assert loop.batch_order(10, 3, 1, 0) != loop.batch_order(10, 3, 1, 1)

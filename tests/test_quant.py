@@ -112,7 +112,7 @@ def test_quantize_before_or_after_inject_gives_the_same_model():
     after = Q.quantize(lorakit.inject(tiny_llama(), cfg))
     for model in (before, after):
         q = model.model.layers[0].self_attn.q_proj
-        assert isinstance(q, LoraLinear) and Q.is_quantized_layer(q.base_layer) and not q._fusable
+        assert isinstance(q, LoraLinear) and Q.is_quantized_layer(q.base_layer) and q._fusable  # fused 4-bit path
         assert type(q.lora_A["default"]).__name__ == "Linear"  # the factors are never quantized
         assert Q.is_quantized_layer(model.model.layers[0].mlp.up_proj)  # untargeted layers too
     x = ids()
@@ -142,6 +142,68 @@ def test_lora_on_4bit_base_equals_dense_equation_on_dequantized_weight(training)
         ref = torch.autograd.grad(want, (x, A, B), g)
         for a, r in zip(grads, ref):
             torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("quant_type,nested,shape", [("nf4", True, (80, 96)), ("nf4", False, (130, 64)),
+                                                     ("fp4", True, (64, 192))])
+def test_dequantize_into_workspace_equals_bitsandbytes(quant_type, nested, shape):
+    from bitsandbytes.functional import dequantize_4bit
+    layer = Q.quantize_linear(nn.Linear(shape[1], shape[0]), quant_type=quant_type, double_quant=nested)
+    want = dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    got = Q.Dequantized(layer.weight).dense()
+    assert got.shape == shape and torch.equal(got, want)
+
+
+def _bitsandbytes_path(model):
+    # The reference: every 4-bit base runs bitsandbytes' own Linear4bit forward, LoRA added on top.
+    from lorakit.fuse import unfuse
+    unfuse(model)
+    for m in model.modules():
+        if isinstance(m, LoraLinear):
+            m._fusable = False
+    return model
+
+
+def test_fused_4bit_path_matches_bitsandbytes_linear4bit_forward_and_grads():
+    _, fused = qlora(init="none")
+    ref = _bitsandbytes_path(copy.deepcopy(fused))
+    assert fused.model.layers[0].self_attn.q_proj._shared_group is not None  # q,k,v share one A GEMM here too
+    x = ids(2, 12, seed=6)
+    outs = []
+    for model in (fused, ref):
+        model.train()
+        out = model(input_ids=x, labels=x)
+        out.loss.backward()
+        outs.append(out.logits.detach())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    named = dict(ref.named_parameters())
+    grads = [(p.grad, named[n].grad) for n, p in fused.named_parameters() if p.requires_grad]
+    assert len(grads) == 2 * 7 * 2
+    for g, r in grads:
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_4bit_path_reuses_one_buffer_for_every_layer():
+    _, model = qlora()
+    Q.free_workspace()
+    model.train()
+    x = ids(2, 12)
+    model(input_ids=x, labels=x).loss.backward()
+    pool = Q._local.pool
+    largest = max(m.in_features * m.out_features for m in model.modules() if Q.is_quantized_layer(m))
+    assert list(pool) == [(torch.device("cpu"), torch.float32)] and pool[list(pool)[0]].numel() == largest
+
+
+def test_4bit_layer_with_another_compute_dtype_takes_the_bitsandbytes_path():
+    torch.manual_seed(0)
+    layer = LoraLinear(Q.quantize_linear(nn.Linear(64, 32), compute_dtype=torch.bfloat16))
+    layer.add_adapter("default", r=4, alpha=8, init="none")
+    layer.set_active(["default"])
+    x = torch.randn(4, 64)
+    assert layer.fused_weight(x, "default") is None  # bitsandbytes computes the base in bf16, as asked
+    A, B = layer.factors("default")
+    want = layer.base_layer(x) + 2.0 * (x @ A.T) @ B.T
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- training

@@ -29,7 +29,18 @@ from torch import Tensor
 
 
 def _needs_grad(*ts) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in ts)
+
+
+def _dense(w):
+    # The frozen weight as a (d, k) tensor: the tensor itself, or a 4-bit weight dequantized on demand into a
+    # reused buffer (lorakit.quant.Dequantized), read at once by the GEMM that needs it and never saved.
+    return w if isinstance(w, Tensor) else w.dense()
+
+
+def _saveable(ts):
+    # save_for_backward takes tensors (or None) only; on-demand weights are kept on ctx instead.
+    return [t if t is None or isinstance(t, Tensor) else None for t in ts]
 
 
 def _linear_forward(x, weight, bias, lora_x, A, B, scale):
@@ -38,7 +49,7 @@ def _linear_forward(x, weight, bias, lora_x, A, B, scale):
     # scaling pass); the update is written first and the base GEMM accumulates into it (module docstring).
     sax = ((x if lora_x is None else lora_x) @ A.t()).mul_(scale)
     out = torch.addmm(bias, sax, B.t()) if bias is not None else sax @ B.t()
-    return out.addmm_(x, weight.t()), sax
+    return out.addmm_(x, _dense(weight).t()), sax
 
 
 def _shared_forward(x, scales, As, wbB):
@@ -51,7 +62,7 @@ def _shared_forward(x, scales, As, wbB):
         w, b, B = wbB[3 * i: 3 * i + 3]
         sx = sax[:, off: off + ranks[i]].mul_(s)
         out = torch.addmm(b, sx, B.t()) if b is not None else sx @ B.t()
-        outs.append(out.addmm_(x, w.t()))
+        outs.append(out.addmm_(x, _dense(w).t()))
         off += ranks[i]
     return tuple(outs), ranks, A_cat, sax
 
@@ -62,12 +73,14 @@ class _LoraLinear(torch.autograd.Function):
         out, sax = _linear_forward(x, weight, bias, lora_x, A, B, scale)
         ctx.scale = scale
         ctx.has_dropout = lora_x is not None
-        ctx.save_for_backward(x, lora_x, weight, A, B, sax)
+        ctx.lazy_weight = None if isinstance(weight, Tensor) else weight
+        ctx.save_for_backward(x, lora_x, *_saveable([weight]), A, B, sax)
         return out
 
     @staticmethod
     def backward(ctx, g):
         x, lora_x, weight, A, B, sax = ctx.saved_tensors
+        weight = _dense(ctx.lazy_weight) if ctx.lazy_weight is not None else weight
         need_x, need_w, need_b, need_lx, need_A, need_B, _ = ctx.needs_input_grad
         g_ax = (g @ B).mul_(ctx.scale)  # (N, r): gradient reaching A·x
         grad_x = grad_w = grad_b = grad_lx = grad_A = grad_B = None
@@ -118,12 +131,14 @@ class _LoraLinearShared(torch.autograd.Function):
         n = len(scales)
         outs, ranks, A_cat, sax = _shared_forward(x, scales, ts[:n], ts[n:])
         ctx.ranks, ctx.scales = ranks, scales
-        ctx.save_for_backward(x, A_cat, sax, *ts[n:])
+        ctx.lazy = {j: t for j, t in enumerate(ts[n:]) if t is not None and not isinstance(t, Tensor)}
+        ctx.save_for_backward(x, A_cat, sax, *_saveable(ts[n:]))
         return outs
 
     @staticmethod
     def backward(ctx, *gs):
         x, A_cat, sax, *wbB = ctx.saved_tensors
+        wbB = [ctx.lazy.get(j, t) for j, t in enumerate(wbB)]
         need = ctx.needs_input_grad
         ranks, scales, n = ctx.ranks, ctx.scales, len(ctx.scales)
         g_ax = torch.cat([(g @ wbB[3 * i + 2]).mul_(s) for i, (g, s) in enumerate(zip(gs, scales))], dim=1)
@@ -131,7 +146,7 @@ class _LoraLinearShared(torch.autograd.Function):
         if need[0]:  # one chain: g_ax·A_cat + g_1·W_1 + ... + g_n·W_n
             grad_x = g_ax @ A_cat
             for i, g in enumerate(gs):
-                grad_x.addmm_(g, wbB[3 * i])
+                grad_x.addmm_(g, _dense(wbB[3 * i]))  # one 4-bit weight dequantized at a time
         if any(need[2: 2 + n]):
             grad_A = (g_ax.t() @ x).split(ranks)  # one pass over x for every A
         rest, off = [], 0

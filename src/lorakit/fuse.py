@@ -72,12 +72,13 @@ class SharedInputGroup:
             self.misses += 1
             self.clear()
         name = self.eligible()
-        w0 = layer.base_layer.weight
-        if name is None or not all(x.dtype == l.base_layer.weight.dtype == l.lora_A[name].weight.dtype
-                                   and l.base_layer.weight.device == w0.device for l in self.layers):
+        if name is None:
+            return None
+        weights = [l.fused_weight(x, name) for l in self.layers]  # tensors or 4-bit weights dequantized on demand
+        if any(w is None or w.device != x.device for w in weights):
             return None
         bases = [l.base_layer for l in self.layers]
-        outs = lora_linear_shared(x, [b.weight for b in bases], [b.bias for b in bases],
+        outs = lora_linear_shared(x, weights, [b.bias for b in bases],
                                   [l.lora_A[name].weight for l in self.layers],
                                   [l.lora_B[name].weight for l in self.layers],
                                   [l.scaling[name] for l in self.layers])

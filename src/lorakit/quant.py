@@ -11,6 +11,7 @@ and reports the logit change that costs. `memory_report` counts bytes the way tr
 """
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
@@ -160,6 +161,103 @@ def requantize_weight(layer: nn.Module, w: torch.Tensor) -> None:
     layer.quant_state = state
 
 
+class Dequantized:
+    """A 4-bit weight as the fused LoRA functions read it: dequantized on demand, into one reused buffer.
+
+    bitsandbytes' Linear4bit allocates a fresh full-precision copy of its weight on every forward and again in
+    backward. The fused path (`lorakit.functional.lora_linear`) calls `dense()` right before the one GEMM that
+    reads the weight, so a single per-thread buffer the size of the largest layer serves every layer in turn:
+    no allocation (and no page faults) per call, and nothing full-precision is ever saved for backward.
+    """
+
+    __slots__ = ("weight",)
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight  # bitsandbytes Params4bit
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.quant_state.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def dense(self) -> torch.Tensor:
+        """Returns the (out, in) weight dequantized into this thread's workspace (valid until the next call)."""
+        state = self.weight.quant_state
+        out = _workspace(torch.Size(state.shape), state.dtype, self.weight.device)
+        return _dequantize_into(self.weight.data, state, out)
+
+
+def _cpu_kernel(state):
+    # bitsandbytes' own CPU dequantization kernel (what its dequantize_4bit op calls), which can write into a
+    # given buffer; its registered op has no out= variant on CPU. None where bitsandbytes would not use it.
+    try:
+        from bitsandbytes.backends.cpu.ops import _has_avx512
+        from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
+    except Exception:
+        return None
+    if isinstance(lib, ErrorHandlerMockBNBNativeLibrary) or (_has_avx512 and state.blocksize >= 2048):
+        return None
+    if len(state.shape) != 2 or state.shape[-1] % 2:
+        return None
+    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(state.dtype)
+    return getattr(lib, f"cdequantize_blockwise_cpu_{state.quant_type}_{dtype}", None) if dtype else None
+
+
+def _dequantize_into(data: torch.Tensor, state, out: torch.Tensor) -> torch.Tensor:
+    """Returns `out` holding dequant(data); falls back to bitsandbytes' allocating call where it cannot write there."""
+    import ctypes
+
+    from bitsandbytes.functional import dequantize_4bit, dequantize_blockwise, get_ptr
+    if out.device.type != "cpu":
+        dequantize_4bit(data, state, out=out)  # CUDA (and XPU, MPS) register an out= kernel
+        return out
+    kernel = _cpu_kernel(state)
+    if kernel is None:
+        return out.copy_(dequantize_4bit(data, state))
+    absmax = state.absmax
+    if state.nested:  # double quantization: the per-block scales are themselves 8-bit blockwise
+        absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset
+    absmax = absmax.float().contiguous()
+    m, n = state.shape
+    codes = data.view(torch.uint8).reshape(m, n // 2)
+    kernel(get_ptr(codes), get_ptr(absmax), get_ptr(out), ctypes.c_longlong(state.blocksize), ctypes.c_longlong(m),
+           ctypes.c_longlong(n))
+    return out
+
+
+_local = threading.local()
+
+
+def _workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # One flat buffer per (thread, device, dtype), grown to the largest layer seen; returned as a (out, in) view.
+    pool = _local.__dict__.setdefault("pool", {})
+    key = (device, dtype)
+    buf = pool.get(key)
+    n = shape.numel()
+    if buf is None or buf.numel() < n:
+        buf = pool[key] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
+
+
+def free_workspace() -> None:
+    """Releases this thread's dequantization buffers (the fused 4-bit path allocates them again when needed)."""
+    _local.__dict__.pop("pool", None)
+
+
+def fused_weight(layer: nn.Module, x: torch.Tensor):
+    """Returns a Dequantized view of the 4-bit `layer` when the fused LoRA path can compute it exactly for x."""
+    weight = layer.weight
+    state = getattr(weight, "quant_state", None)
+    if (state is None or getattr(state, "packing_format_for_cpu", False) or state.dtype != x.dtype
+            or getattr(layer, "compute_dtype", None) not in (None, x.dtype) or weight.device != x.device
+            or (layer.bias is not None and layer.bias.dtype != x.dtype)):
+        return None
+    return Dequantized(weight)
+
+
 def dequantize_linear(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
     """Returns a plain nn.Linear with the 4-bit layer's dequantized weight (in its original dtype unless given)."""
     w = dequantize_weight(layer)
@@ -177,7 +275,7 @@ def _replace(model: nn.Module, name: str, owner: nn.Module | None, new: nn.Modul
     if owner is not None:  # a LoRA wrapper: swap its base layer, and re-decide whether the fused path applies
         owner.base_layer = new
         if isinstance(owner, LoraLinear) and not isinstance(owner, LoraMergedLinear):
-            owner._fusable = type(new) is nn.Linear and not owner.fan_in_fan_out
+            owner._fusable = (type(new) is nn.Linear or is_quantized_layer(new)) and not owner.fan_in_fan_out
         return
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -204,7 +302,19 @@ def quantize(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_qu
         require_backend(device)
     for name, owner, linear in targets:
         _replace(model, name, owner, quantize_linear(linear, quant_type, double_quant, compute_dtype, block_size))
+    if targets:
+        release_freed_memory()
     return model
+
+
+def release_freed_memory() -> bool:
+    """Returns True after asking glibc to hand freed heap memory back to the OS (the full-precision weights that
+    quantization replaced would otherwise stay in the process's resident memory); False off glibc."""
+    try:
+        import ctypes
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

@@ -42,9 +42,10 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()
-        # The fused kernel needs W0 in (d, k) layout as a float tensor: plain nn.Linear only.
+        # The fused kernel needs W0 in (d, k) layout: a plain float weight, or a 4-bit one it dequantizes itself.
+        weight_kind = type(getattr(base_layer, "weight", None))
         self._fusable = (isinstance(base_layer, nn.Linear) and not self.fan_in_fan_out
-                         and type(base_layer.weight) in (torch.Tensor, nn.Parameter))
+                         and (weight_kind in (torch.Tensor, nn.Parameter) or weight_kind.__name__ == "Params4bit"))
 
     # ---------------------------------------------------------------- creation
     def _create(self, name: str, r: int) -> None:
@@ -155,10 +156,10 @@ class LoraLinear(LoraLayer):
             if out is not None:
                 return out
         first = live[0]
-        if self._fusable and not self.use_dora[first] and self._same_dtype(x, first):
-            base = self.base_layer
+        weight = self.fused_weight(x, first)
+        if weight is not None:
             A, B = self.factors(first)
-            result = lora_linear(x, base.weight, base.bias, A, B, self.scaling[first], self._dropout(first, x))
+            result = lora_linear(x, weight, self.base_layer.bias, A, B, self.scaling[first], self._dropout(first, x))
             rest = live[1:]
         else:
             result = self.base_layer(x, *args, **kwargs)
@@ -167,8 +168,16 @@ class LoraLinear(LoraLayer):
             result = self._add_adapter_output(result, x, name)
         return result
 
-    def _same_dtype(self, x: torch.Tensor, name: str) -> bool:
-        return x.dtype == self.base_layer.weight.dtype == self.lora_A[name].weight.dtype
+    def fused_weight(self, x: torch.Tensor, name: str):
+        """Returns W0 as the fused path takes it for input x and adapter `name` (the tensor, or a Dequantized view
+        of a 4-bit weight), or None when that path cannot compute this call exactly (DoRA, dtypes differ, ...)."""
+        if not self._fusable or self.use_dora[name] or x.dtype != self.lora_A[name].weight.dtype:
+            return None
+        base = self.base_layer
+        if self._is_quantized():
+            from lorakit.quant import fused_weight
+            return fused_weight(base, x)
+        return base.weight if base.weight.dtype == x.dtype else None
 
     def _add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         A, B = self.factors(name)

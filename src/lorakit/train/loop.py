@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.functional import linear_cross_entropy
 from lorakit.train.data import IGNORE_INDEX, answer_matches, collate, render_prompt
 
 
@@ -204,13 +205,50 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
+# Causal LMs whose logits are exactly lm_head(backbone(x).last_hidden_state): no scaling or soft-capping after
+# the head, no auxiliary losses. For these the loss is computed from the hidden states with the chunked head.
+CHUNKED_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+HEAD_BLOCK_ELEMENTS = 1 << 22  # logits held at once by the chunked head: 16 MiB in fp32
+
+
+def chunked_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """Returns (backbone, lm_head) when `model`'s loss can be computed by `linear_cross_entropy` on the backbone's
+    hidden states, else None (other architectures, a LoRA-wrapped or trained-copy head, DDP/FSDP wrappers)."""
+    cfg = getattr(model, "config", None)  # a DDP wrapper has none: its forward must run for gradient sync
+    if getattr(cfg, "model_type", None) not in CHUNKED_HEAD_MODEL_TYPES:
+        return None
+    if any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in ("final_logit_softcapping", "logit_scale",
+                                                                 "logits_scaling")):
+        return None
+    backbone = getattr(model, getattr(model, "base_model_prefix", "") or "model", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(backbone, nn.Module) or type(head) is not nn.Linear:
+        return None
+    if type(head.weight) is not nn.Parameter or type(backbone).__name__.startswith("FSDP"):
+        return None  # sharded (DTensor) weights are gathered by the wrapper's own forward hooks
+    return backbone, head
+
+
 def loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    """Returns (sum of next-token cross-entropy over target tokens, number of target tokens)."""
+    """Returns (sum of next-token cross-entropy over target tokens, number of target tokens).
+
+    Where `chunked_head` allows, only the hidden states that predict a target go through the output head, a
+    block of rows at a time (`lorakit.functional.linear_cross_entropy`): the (tokens x vocabulary) logits,
+    their softmax and their gradient never exist whole. Elsewhere: the model's logits, restricted to target
+    positions with `logits_to_keep` when the model accepts it.
+    """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())
+    split = chunked_head(model)
+    if split is not None:
+        backbone, head = split
+        hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]
+        chunk = max(16, HEAD_BLOCK_ELEMENTS // head.out_features)
+        return linear_cross_entropy(hidden[keep], head.weight, head.bias, targets[keep], chunk=chunk), n
     if _accepts_logits_to_keep(model):
         # Project only the positions that predict a target: instruction data is mostly prompt, and the
         # vocabulary projection is a large share of a small model's compute (SmolLM2: 49k x 576 per token).
