@@ -16,8 +16,9 @@ utilisation is recorded either way. Modes:
     full        every weight trainable, AdamW
     floor       every weight frozen, gradients only w.r.t. the input embeddings (no optimizer)
     lorakit-gc  lorakit with gradient checkpointing (non-reentrant)
-    lorakit-gc-ce   lorakit-gc with the loss head lorakit.functional.linear_cross_entropy (chunked: never all
-                the 4 x 256 x 32000 logits at once; same loss); the recipe's memory once its loss_sum uses it
+    lorakit-gc-ce   lorakit-gc with the recipe's loss, lorakit.train.loop.loss_sum: for Llama-style models the
+                chunked head (functional.linear_cross_entropy) never holds all 4 x 256 x 32000 logits; same loss.
+                This is what `lorakit train --gradient-checkpointing` runs
     compile     lorakit with torch.compile of the wrapped model
     infer       forward-only latency (eval, no_grad): base model vs lorakit unmerged vs merged
     embedded    lorakit and PEFT on the embedded model (skipped when it is not installed)
@@ -101,11 +102,7 @@ def peft_model(model, a):
 
 def enable_checkpointing(model) -> None:
     import lorakit
-    fn = getattr(lorakit, "enable_gradient_checkpointing", None)
-    if fn is not None:
-        fn(model)
-    else:  # non-reentrant: works when no input of a checkpointed block requires grad (frozen base)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lorakit.enable_gradient_checkpointing(model)  # non-reentrant, as `lorakit train --gradient-checkpointing`
 
 
 def train_step_fn(mode: str, a):
@@ -142,13 +139,14 @@ def train_step_fn(mode: str, a):
             x = emb(ids).detach().requires_grad_(True)
             fwd(inputs_embeds=x, labels=ids).loss.backward()
     elif mode == "lorakit-gc-ce":
-        from lorakit.functional import linear_cross_entropy
-        head, targets = model.get_output_embeddings(), ids[:, 1:]
+        from lorakit.train.loop import chunked_head, loss_sum
+        assert chunked_head(model) is not None
+        batch = {"input_ids": ids, "labels": ids}
 
-        def step():  # the mean next-token loss, as labels=ids gives, without the (N, vocab) logits
+        def step():  # the recipe's loss (train.loop.loss_sum): the mean next-token loss, never all N x vocab logits
             opt.zero_grad(set_to_none=True)
-            h = model.model(input_ids=ids).last_hidden_state[:, :-1]
-            (linear_cross_entropy(h, head.weight, head.bias, targets) / targets.numel()).backward()
+            total, n = loss_sum(model, batch)
+            (total / n).backward()
             opt.step()
     else:
         def step():

@@ -110,7 +110,7 @@ def test_help_documents_every_option_with_default(capsys):
     (["lora_alhpa=1"], "unknown option 'lora_alhpa'. Did you mean: lora_alpha"),
     (["--lr", "fast"], "option lr: expected a number, got 'fast'"),
     (["--max-steps", "-3"], "max_steps: must be >= 1"),
-    (["--quantize", "int3"], "quantize: must be one of none, nf4"),
+    (["--quantize", "int3"], "quantize: must be one of none, nf4, nf4-gptq"),
     (["--resume"], "no complete checkpoint"),
 ])
 def test_bad_options_exit_2_with_one_line(files, tmp_path, capsys, argv, message):
@@ -174,3 +174,21 @@ def test_eval_json_and_generate(files, tmp_path, capsys, monkeypatch):
     assert len(capsys.readouterr().out.strip().splitlines()) <= 2
     assert main(["generate", "--adapter", str(out / "adapter")]) == 2
     assert "give a prompt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["nf4", "nf4-gptq"])
+def test_qlora_run_then_eval_rebuilds_the_same_4bit_base(files, tmp_path, capsys, how):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "run"
+    assert main(train_args(files, out, "--no-accuracy", "--eval-data", files["eval"], "--quantize", how,
+                           "quant_calibration=4")) == 0
+    printed = capsys.readouterr().out
+    assert ("GPTQ rounding on 4 calibration rows" in printed) == (how == "nf4-gptq")
+    run_loss = [r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r][-1]
+    # eval reads the run's config.yaml: the same quantization (and, for GPTQ, the same calibration rows)
+    assert main(["eval", "--adapter", str(out / "adapter"), "--data", files["eval"], "--json", "--max-new-tokens", "2"]) == 0
+    quantized = json.loads(capsys.readouterr().out)["loss"]
+    assert main(["eval", "--adapter", str(out / "adapter"), "--data", files["eval"], "--json", "--max-new-tokens", "2",
+                 "--quantize", "none"]) == 0
+    full = json.loads(capsys.readouterr().out)["loss"]
+    assert quantized == pytest.approx(run_loss, rel=1e-5) and full != pytest.approx(run_loss, rel=1e-5)

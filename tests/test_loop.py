@@ -235,12 +235,18 @@ def test_nan_loss_is_detected_and_named(tok, examples):
             assert torch.equal(q.nan_to_num(), before[n].nan_to_num())
 
 
-def test_gradient_checkpointing_trains_lora_on_frozen_base(tok, examples):
+@pytest.mark.parametrize("offload", [False, True])
+def test_gradient_checkpointing_trains_lora_on_frozen_base(tok, examples, offload):
     from lorakit.train.data import collate
     batch = collate(examples[:4], 0)
     ref, opt_ref, _ = setup(tok, dropout=0.0)
     gc, opt_gc, _ = setup(tok, dropout=0.0)
-    loop.enable_gradient_checkpointing(gc)
+    if offload:  # on a CPU model the saved tensors already are in CPU memory: it warns, and must change nothing
+        with pytest.warns(UserWarning, match="not on a CUDA device"):
+            lorakit.enable_gradient_checkpointing(gc, offload=True)
+        assert gc._lorakit_offload is not None
+    else:
+        lorakit.enable_gradient_checkpointing(gc)
     assert gc.model.gradient_checkpointing
     for m in (ref, gc):
         with torch.no_grad():
@@ -257,6 +263,8 @@ def test_gradient_checkpointing_trains_lora_on_frozen_base(tok, examples):
     for k in grads[0]:
         assert grads[1][k].abs().sum() > 0
         torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-4)
+    if offload:  # the saved-tensor hooks are scoped to the model's forward: nothing leaks after it
+        assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
 
 
 def _cli_options(tmp_path, **kw):
@@ -337,7 +345,9 @@ def test_every_lora_field_is_an_option():
     ("lr=fast", "option lr: expected a number, got 'fast'"),
     ("r=2.5", "option r: expected an integer"),
     ("packing=maybe", "option packing: expected true or false"),
-    ("quantize=nf8", "quantize: must be one of none, nf4"),
+    ("quantize=nf8", "quantize: must be one of none, nf4, nf4-gptq"),
+    ("offload_activations=true", "offload_activations: needs gradient_checkpointing"),
+    ("quant_calibration=0", "quant_calibration: must be >= 1"),
     ("nan_policy=skp", "Did you mean: skip"),
     ("batch_size=0", "batch_size: must be >= 1"),
     ("r=0", "LoraConfig.r"),

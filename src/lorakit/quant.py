@@ -11,6 +11,7 @@ and reports the logit change that costs. `memory_report` counts bytes the way tr
 """
 from __future__ import annotations
 
+import logging
 import threading
 import warnings
 
@@ -37,6 +38,9 @@ _checked_devices: set[str] = set()
 def require_backend(device: torch.device | str = "cpu"):
     """Returns the bitsandbytes module after checking it can quantize on `device`; raises QuantizationBackendError."""
     device = torch.device(device)
+    # bitsandbytes logs a warning at import when the optional `kernels` package (a bf16 CPU inference kernel
+    # lorakit does not use, see quantize_linear) is missing; that is noise to a lorakit user.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional  # noqa: F401  (quantize_4bit lives here)
@@ -109,8 +113,13 @@ def _quantizable(model: nn.Module, skip) -> list[tuple[str, nn.Module, nn.Module
 
 # ---------------------------------------------------------------------------- quantize / dequantize layers
 def quantize_linear(linear: nn.Linear, quant_type: str = "nf4", double_quant: bool = True,
-                    compute_dtype: torch.dtype | None = None, block_size: int = 64) -> nn.Module:
-    """Returns a bitsandbytes Linear4bit holding `linear`'s weight quantized (on the same device) and its bias."""
+                    compute_dtype: torch.dtype | None = None, block_size: int = 64,
+                    hessian: torch.Tensor | None = None, damp: float = 0.01) -> nn.Module:
+    """Returns a bitsandbytes Linear4bit holding `linear`'s weight quantized (on the same device) and its bias.
+
+    Without `hessian`: round to nearest (bitsandbytes' quantize_4bit, as QLoRA). With `hessian` (XᵀX of the
+    layer's calibration inputs): the codes are chosen by GPTQ (lorakit.gptq) to keep X·Wᵀ; same format.
+    """
     device = linear.weight.device
     bnb = require_backend(device)
     layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
@@ -119,8 +128,17 @@ def quantize_linear(linear: nn.Linear, quant_type: str = "nf4", double_quant: bo
     w = linear.weight.detach()
     if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         w = w.float()
-    layer.weight = bnb.nn.Params4bit(w, requires_grad=False, blocksize=block_size, compress_statistics=double_quant,
-                                     quant_type=quant_type, module=layer)._quantize(device)
+    if hessian is None:
+        layer.weight = bnb.nn.Params4bit(w, requires_grad=False, blocksize=block_size, compress_statistics=double_quant,
+                                         quant_type=quant_type, module=layer)._quantize(device)
+    else:
+        from lorakit.gptq import gptq_codes, pack_4bit
+        codes, absmax = gptq_codes(w, hessian.to(device), block_size, damp, quant_type)
+        packed, state = pack_4bit(codes, absmax, w.dtype, block_size, double_quant, quant_type)
+        layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=block_size,
+                                         compress_statistics=double_quant, quant_type=quant_type, module=layer,
+                                         bnb_quantized=True)
+        layer.quant_state = state
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
     # bitsandbytes repacks CPU weights for a bf16 inference kernel the first time it runs in eval mode: that
@@ -283,13 +301,19 @@ def _replace(model: nn.Module, name: str, owner: nn.Module | None, new: nn.Modul
 
 def quantize(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
              compute_dtype: torch.dtype | None = None, skip: list[str] | str | None = None,
-             block_size: int = 64) -> nn.Module:
+             block_size: int = 64, calibration=None, damp: float = 0.01,
+             hessian_budget: int = 256 * 2 ** 20) -> nn.Module:
     """Returns `model` with its nn.Linear layers replaced in place by 4-bit bitsandbytes Linear4bit layers.
 
     Embeddings, norms and the output head (`get_output_embeddings()` / `lm_head`) stay in full precision, as
     do modules whose dotted name contains an entry of `skip` and LoRA factors. Works before and after
     `lorakit.inject` (a LoRA wrapper's base layer is quantized under it). Quantization runs on each weight's
     own device: move the model to CUDA first to quantize there.
+
+    calibration: None rounds each weight to its nearest NF4 value (QLoRA). An iterable of model inputs (token
+    id tensors, or dicts of model inputs) chooses the codes with GPTQ instead (lorakit.gptq): same format and
+    bits, less change in each layer's output. `hessian_budget` bounds the bytes of XᵀX held at once (layers
+    are quantized a group at a time, one calibration pass per group); `damp` is GPTQ's diagonal damping.
     """
     if bits != 4:
         raise ConfigError(f"quantize: bits={bits} is not supported; lorakit quantizes frozen bases to 4 bits")
@@ -300,11 +324,50 @@ def quantize(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_qu
     targets = _quantizable(model, skip)
     for device in {str(m.weight.device) for _, _, m in targets}:
         require_backend(device)
-    for name, owner, linear in targets:
-        _replace(model, name, owner, quantize_linear(linear, quant_type, double_quant, compute_dtype, block_size))
+    if calibration is None:
+        for name, owner, linear in targets:
+            _replace(model, name, owner, quantize_linear(linear, quant_type, double_quant, compute_dtype, block_size))
+    else:
+        _quantize_gptq(model, targets, calibration, quant_type, double_quant, compute_dtype, block_size, damp,
+                       hessian_budget)
     if targets:
         release_freed_memory()
     return model
+
+
+def _quantize_gptq(model, targets, calibration, quant_type, double_quant, compute_dtype, block_size, damp, budget):
+    from lorakit.gptq import HessianCollector, run_calibration
+    calibration = list(calibration)
+    if not calibration:
+        raise ConfigError("quantize: calibration is empty; give some model inputs, or calibration=None")
+    partial = [name for name, _, linear in targets if linear.in_features % block_size]
+    if partial:  # GPTQ works on whole blocks per row; bitsandbytes' blocks of these layers straddle rows
+        warnings.warn(f"quantize: {len(partial)} layer(s) have in_features not a multiple of block_size={block_size} "
+                      f"(e.g. {partial[0]}); they are rounded to nearest instead of GPTQ", stacklevel=3)
+    was_training = model.training
+    model.eval()
+    try:
+        i = 0
+        while i < len(targets):
+            group, used = [], 0
+            while i < len(targets) and (not group or used + 4 * targets[i][2].in_features ** 2 <= budget):
+                group.append(targets[i])
+                used += 4 * targets[i][2].in_features ** 2
+                i += 1
+            # the input reaches the LoRA wrapper (its fused path reads the base weight without calling it)
+            collector = HessianCollector({name: owner if owner is not None else linear for name, owner, linear in group})
+            try:
+                run_calibration(model, calibration)
+            finally:
+                collector.remove()
+            for name, owner, linear in group:
+                hessian = collector.h.pop(name, None)  # None: never called on calibration data -> nearest rounding
+                if name in partial:
+                    hessian = None
+                _replace(model, name, owner, quantize_linear(linear, quant_type, double_quant, compute_dtype,
+                                                             block_size, hessian, damp))
+    finally:
+        model.train(was_training)
 
 
 def release_freed_memory() -> bool:

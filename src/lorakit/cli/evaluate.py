@@ -28,6 +28,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--template", choices=("auto", "chat", "alpaca"), default=None,
                    help="prompt template (default: the adapter's run template, else auto)")
     p.add_argument("--system", default=None, help="system prompt for chat templates (default: the run's)")
+    p.add_argument("--quantize", choices=("none", "nf4", "nf4-gptq"), default=None,
+                   help="quantize the base to 4-bit NF4 before loading the adapter, as QLoRA trains it; nf4-gptq "
+                        "redoes the run's GPTQ calibration (default: what the adapter's run used, else none)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default: 16)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default: 8)")
     p.add_argument("--max-seq-len", type=int, default=256, help="truncate rows for the loss (default: 256)")
@@ -55,7 +58,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     if any("output" not in r for r in records):
         raise DataError(f"{args.data}: eval needs Alpaca rows with an 'output' (the expected answer)")
     model, tokenizer, template, system = load_for_inference(args.model, args.adapter, args.template, args.system,
-                                                            trust_remote_code=args.trust_remote_code)
+                                                            trust_remote_code=args.trust_remote_code,
+                                                            quantize=args.quantize)
     acc = evaluate_accuracy(model, tokenizer, records, template, system, args.batch_size, args.max_new_tokens)
     examples, _ = tokenize_records(records, tokenizer, template=template, max_seq_len=args.max_seq_len, system=system)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

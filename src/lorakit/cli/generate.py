@@ -26,6 +26,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--template", choices=("auto", "chat", "alpaca"), default=None,
                    help="prompt template (default: the adapter's run template, else auto)")
     p.add_argument("--system", default=None, help="system prompt for chat templates (default: the run's)")
+    p.add_argument("--quantize", choices=("none", "nf4", "nf4-gptq"), default=None,
+                   help="quantize the base to 4-bit NF4 before loading the adapter, as QLoRA trains it; nf4-gptq "
+                        "redoes the run's GPTQ calibration (default: what the adapter's run used, else none)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="generation length limit (default: 128)")
     p.add_argument("--chat", action="store_true", help="interactive mode: read prompts from stdin until empty line/EOF")
     p.set_defaults(func=run)
@@ -44,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model, tokenizer, template, system = load_for_inference(args.model, args.adapter, args.template, args.system,
-                                                            trust_remote_code=args.trust_remote_code)
+                                                            trust_remote_code=args.trust_remote_code,
+                                                            quantize=args.quantize)
 
     def answer(text: str, context: str = "") -> str:
         prompt = render_prompt({"instruction": text, "input": context}, tokenizer, template, system)

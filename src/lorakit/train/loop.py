@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.checkpointing import enable_gradient_checkpointing  # noqa: F401  (re-exported)
 from lorakit.errors import LorakitError
 from lorakit.functional import linear_cross_entropy
 from lorakit.train.data import IGNORE_INDEX, answer_matches, collate, render_prompt
@@ -423,24 +424,6 @@ def evaluate_accuracy(model: nn.Module, tokenizer, records: Sequence[dict], temp
     return {"accuracy": sum(hits) / len(hits) if hits else float("nan"), "n": len(hits),
             "per_task": {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(per_task.items())},
             "samples": samples}
-
-
-# ---------------------------------------------------------------------------------------------- model setup
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Turns on non-reentrant activation checkpointing that still backpropagates into LoRA on a frozen base."""
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise LorakitError(f"{type(model).__name__} does not support gradient checkpointing")
-    # use_reentrant=False: gradients flow to LoRA parameters inside a block even when the block's input
-    # (the frozen embedding output) does not require grad. enable_input_require_grads covers reentrant
-    # implementations a model may still force.
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name; the old one warns
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
-    if getattr(model, "config", None) is not None:
-        model.config.use_cache = False
 
 
 # ---------------------------------------------------------------------------------------------- signals

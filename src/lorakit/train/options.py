@@ -69,9 +69,13 @@ class TrainOptions:
     lora_plus_ratio: float = _opt(1.0, "LoRA+: the B matrices learn at lr * ratio (1 = plain LoRA; paper: 16)")
     max_grad_norm: float | None = _opt(1.0, "clip the gradient norm to this; none = no clipping")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory, ~30% slower)")
+    offload_activations: bool = _opt(False, "with gradient_checkpointing on CUDA: keep the checkpointed "
+                                     "activations in (pinned) CPU memory instead of GPU memory")
     nan_policy: str = _opt("stop", "on a NaN/Inf loss: stop (keep the last good checkpoint) or skip the step")
     seed: int = _opt(42, "seed for LoRA init, dropout and data order")
-    quantize: str = _opt("none", "quantize the frozen base: none or nf4 (QLoRA)")
+    quantize: str = _opt("none", "quantize the frozen base: none, nf4 (QLoRA: round to nearest) or nf4-gptq "
+                         "(same NF4 format, codes chosen by GPTQ on calibration rows: less damage to small models)")
+    quant_calibration: int = _opt(64, "nf4-gptq: training examples used as calibration inputs")
     strategy: str = _opt("auto", "several processes (torchrun): ddp, fsdp (shard the frozen base), or auto "
                          "(ddp when launched with several processes); see docs/distributed.md")
     device: str = _opt("auto", "where to train: auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, "
@@ -134,13 +138,18 @@ class TrainOptions:
             bad("epochs", f"must be > 0, got {self.epochs}")
         if self.lr <= 0:
             bad("lr", f"must be > 0, got {self.lr}")
+        if self.offload_activations and not self.gradient_checkpointing:
+            bad("offload_activations", "needs gradient_checkpointing (it moves the checkpointed activations); "
+                "add --gradient-checkpointing")
+        if self.quant_calibration < 1:
+            bad("quant_calibration", f"must be >= 1, got {self.quant_calibration}")
         if self.lora_plus_ratio <= 0:
             bad("lora_plus_ratio", f"must be > 0, got {self.lora_plus_ratio}")
         if not 0 <= self.min_lr_ratio <= 1:
             bad("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             bad("adam_betas", f"need two numbers in [0, 1), got {self.adam_betas}")
-        choices = {"nan_policy": ("stop", "skip"), "quantize": ("none", "nf4"),
+        choices = {"nan_policy": ("stop", "skip"), "quantize": ("none", "nf4", "nf4-gptq"),
                    "strategy": ("auto", "none", "ddp", "fsdp"),
                    "template": ("auto", "chat", "alpaca")}
         for name, allowed in choices.items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from lorakit.train.checkpoint import find_latest_checkpoint, load_checkpoint, pr
 from lorakit.train.loop import (DataPosition, StopRequest, TrainingDiverged, build_optimizer, build_scheduler,
                                 dist_env, enable_gradient_checkpointing, evaluate_accuracy, evaluate_loss,
                                 iterate_batches, model_device, resolve_device, seed_everything, total_steps, train_step)
-from lorakit.train.options import TrainOptions, dump_yaml
+from lorakit.train.options import TrainOptions, dump_yaml, load_options
 from lorakit.train.report import MetricsLog, plot_metrics, write_readme
 
 RUNS = Path("runs")
@@ -107,6 +108,21 @@ def prepare_model(o: TrainOptions, log=print):
     return model, tokenizer
 
 
+def calibration_inputs(examples: list[dict], n: int) -> list[torch.Tensor]:
+    """Returns the token ids of the first n training examples (one (1, T) tensor each): GPTQ's calibration."""
+    return [torch.tensor(e["input_ids"])[None] for e in examples[:n]]
+
+
+def quantize_gptq(model, calibration: list[torch.Tensor], log=print) -> None:
+    """Quantizes `model` to NF4 in place with GPTQ rounding on `calibration` (lorakit.quant.quantize)."""
+    from lorakit.quant import quantize
+    device = model_device(model)
+    t0 = time.time()
+    log(f"quantizing the base to NF4 with GPTQ rounding on {len(calibration)} calibration rows ...")
+    quantize(model, calibration=[c.to(device) for c in calibration])
+    log(f"quantized in {time.time() - t0:.0f} s")
+
+
 def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
     """Runs the whole recipe for `o`; returns the results dict (also written to out/results.json)."""
     import lorakit
@@ -127,6 +143,8 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
     data = load_data(o, tokenizer, say)
     train_ex, stats = tokenize_records(data["train_records"], tokenizer, template=o.template,
                                        max_seq_len=o.max_seq_len, train_on_inputs=o.train_on_inputs, system=o.system)
+    if o.quantize == "nf4-gptq" and train_ex:
+        quantize_gptq(model, calibration_inputs(train_ex, o.quant_calibration), say)
     if not train_ex:
         raise DataError(f"{data['data_name']}: no training examples left after tokenization "
                         f"({stats['dropped']} rows lost their whole response to max_seq_len={o.max_seq_len})")
@@ -165,7 +183,7 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
     torch.manual_seed(o.seed)  # LoRA init independent of whatever ran before
     lorakit.inject(model, o.lora_config())
     if o.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, offload=o.offload_activations)
     controller = None
     if o.adaptive_rank:  # before the optimizer: it swaps the A factors for P·diag(λ)·Q triplets
         from lorakit.adaptive import enable_adaptive_rank
@@ -355,12 +373,16 @@ def command_line(o: TrainOptions) -> str:
 
 
 def load_for_inference(model_spec: str | None, adapter: str | None, template: str | None = None,
-                       system: str | None = None, device: str = "auto", trust_remote_code: bool = False):
+                       system: str | None = None, device: str = "auto", trust_remote_code: bool = False,
+                       quantize: str | None = None):
     """Returns (model, tokenizer, template, system) with the adapter loaded; template/system default to the run's.
 
-    An adapter written by `lorakit train` sits in a run folder whose config.yaml names the template and
-    system prompt it was trained with; generation and evaluation use the same unless told otherwise.
+    An adapter written by `lorakit train` sits in a run folder whose config.yaml names the template, system
+    prompt and quantization it was trained with; generation and evaluation use the same unless told otherwise
+    (quantize: "nf4" or "none"; None = the run's setting, else none).
     """
+    if quantize not in (None, "none", "nf4", "nf4-gptq"):
+        raise ConfigError(f"--quantize {quantize!r}: choose none, nf4 or nf4-gptq")
     import lorakit
     from lorakit.models import load_model
     from lorakit.train.options import read_config_file
@@ -379,9 +401,20 @@ def load_for_inference(model_spec: str | None, adapter: str | None, template: st
                 break
     model, tokenizer = load_model(model_spec or run_cfg.get("model") or "default", trust_remote_code=trust_remote_code)
     model.to(resolve_device(device))
-    if run_cfg.get("quantize") == "nf4":
-        from lorakit.quant import quantize
-        model = quantize(model) or model
+    how = quantize or run_cfg.get("quantize")
+    if how == "nf4":
+        from lorakit.quant import quantize as quantize_model
+        model = quantize_model(model) or model
+    elif how == "nf4-gptq":  # the same base the adapter trained on: GPTQ on the run's own calibration rows
+        from lorakit.train.data import tokenize_records
+        o = load_options(base={k: v for k, v in run_cfg.items() if k != "resume"})
+        data = load_data(o, tokenizer, lambda *a, **k: None)
+        train_ex, _ = tokenize_records(data["train_records"], tokenizer, template=o.template,
+                                       max_seq_len=o.max_seq_len, train_on_inputs=o.train_on_inputs, system=o.system)
+        if not train_ex:
+            raise ConfigError("--quantize nf4-gptq needs the run's training data for calibration; none was found")
+        quantize_gptq(model, calibration_inputs(train_ex, o.quant_calibration),
+                      log=lambda msg: print(msg, file=sys.stderr))  # stdout may be --json
     if adapter:
         lorakit.load_adapter(model, adapter)
     model.eval()
