@@ -21,7 +21,7 @@ utilisation is recorded either way. Modes:
                 This is what `lorakit train --gradient-checkpointing` runs
     compile     lorakit with torch.compile of the wrapped model
     infer       forward-only latency (eval, no_grad): base model vs lorakit unmerged vs merged
-    embedded    lorakit and PEFT on the embedded model (skipped when it is not installed)
+    embedded    lorakit (fused and unfused) and PEFT on the embedded model (skipped when it is not installed)
 
     python bench/bench_train.py --small                      # quick check (~1 minute)
     python bench/bench_train.py --out bench/results/x.json   # the issue's config (~10 minutes)
@@ -49,7 +49,7 @@ TRAIN_MODES = ["lorakit", "lorakit-unfused", "peft", "full", "floor", "lorakit-g
 ALL_MODES = TRAIN_MODES + ["infer", "embedded"]
 DEFAULT_MODES = ["lorakit", "peft", "full", "floor", "lorakit-gc", "lorakit-gc-ce", "infer"]
 INFER_VARIANTS = ["base", "unmerged", "merged"]
-EMBEDDED_VARIANTS = ["embedded-lorakit", "embedded-peft"]
+EMBEDDED_VARIANTS = ["embedded-lorakit", "embedded-lorakit-unfused", "embedded-peft"]
 
 
 # ============================================================================ measuring
@@ -118,8 +118,9 @@ def train_step_fn(mode: str, a):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (a.batch, a.seq), generator=g)
     model.train()
-    if mode in ("lorakit", "lorakit-unfused", "lorakit-gc", "lorakit-gc-ce", "compile", "embedded-lorakit"):
-        lorakit_model(model, a, fuse=(mode != "lorakit-unfused"))
+    if mode in ("lorakit", "lorakit-unfused", "lorakit-gc", "lorakit-gc-ce", "compile", "embedded-lorakit",
+                "embedded-lorakit-unfused"):
+        lorakit_model(model, a, fuse=not mode.endswith("-unfused"))
         if mode.startswith("lorakit-gc"):
             enable_checkpointing(model)
     elif mode in ("peft", "embedded-peft"):
@@ -334,7 +335,8 @@ def measure(a, argv, log) -> dict:
 
 RATIOS = [("lorakit", "peft"), ("lorakit", "floor"), ("floor", "peft"), ("lorakit-unfused", "peft"),
           ("lorakit-unfused", "floor"), ("lorakit", "full"), ("peft", "floor"), ("compile", "lorakit"),
-          ("unmerged", "base"), ("merged", "base"), ("embedded-lorakit", "embedded-peft")]
+          ("unmerged", "base"), ("merged", "base"), ("embedded-lorakit", "embedded-peft"),
+          ("embedded-lorakit", "embedded-lorakit-unfused")]
 MEM_RATIOS = [("lorakit", "peft"), ("lorakit-unfused", "peft"), ("lorakit-gc", "peft"), ("lorakit-gc-ce", "peft"),
               ("lorakit", "floor")]
 

@@ -84,3 +84,22 @@ def test_merge_refuses_when_disk_is_full(base_folder, tmp_path, monkeypatch, cap
     assert main(["merge", "--base", str(base_folder), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m")]) == 2
     assert "not enough free disk space" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_merge_quantize_nf4_folds_into_the_4bit_base_the_adapter_trained_on(base_folder, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+    _adapter(base_folder, tmp_path / "ad")
+    qlora = lorakit.quantize(AutoModelForCausalLM.from_pretrained(base_folder))  # the QLoRA model, unmerged
+    lorakit.load_adapter(qlora, tmp_path / "ad")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        want = qlora(input_ids=ids).logits
+    assert main(["merge", "--base", str(base_folder), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "q"),
+                 "--quantize", "nf4"]) == 0
+    assert main(["merge", "--base", str(base_folder), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "f")]) == 0
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "q")(input_ids=ids).logits
+        full = AutoModelForCausalLM.from_pretrained(tmp_path / "f")(input_ids=ids).logits
+    assert (got - want).abs().max() <= 1e-4  # the 4-bit model's outputs, in a plain fp32 folder
+    assert (full - want).abs().max() > 1e-3  # merging into the original weights gives another model

@@ -8,8 +8,12 @@ from lorakit.errors import LorakitError
 
 
 def merge_to_folder(base: str | None, adapter: str, out: str, dtype: str = "float32", allow_pickle: bool = False,
-                    trust_remote_code: bool = False, log=print) -> Path:
-    """Loads base + adapter, merges, and writes a safetensors model folder atomically; returns its path."""
+                    trust_remote_code: bool = False, log=print, quantize: str = "none") -> Path:
+    """Loads base + adapter, merges, and writes a safetensors model folder atomically; returns its path.
+
+    quantize="nf4": the adapter is merged into the NF4-rounded base it was trained on with QLoRA (dequantized,
+    then W0 + s·B·A in fp32), instead of into the original full-precision weights.
+    """
     import torch
 
     import lorakit
@@ -19,8 +23,14 @@ def merge_to_folder(base: str | None, adapter: str, out: str, dtype: str = "floa
     check_output_dir(out)  # before the expensive part: a bad --out fails at once
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     model, tokenizer = load_model(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    lorakit.load_adapter(model, adapter, allow_pickle=allow_pickle)
-    merged = lorakit.merge_and_unload(model).to(torch_dtype)
+    if quantize == "nf4":
+        from lorakit.quant import merge_and_unload_quantized
+        lorakit.quantize(model)
+        lorakit.load_adapter(model, adapter, allow_pickle=allow_pickle)
+        merged = merge_and_unload_quantized(model).to(torch_dtype)
+    else:
+        lorakit.load_adapter(model, adapter, allow_pickle=allow_pickle)
+        merged = lorakit.merge_and_unload(model).to(torch_dtype)
     need = sum(p.numel() * p.element_size() for p in merged.parameters()) * 1.05 + (50 << 20)
     out_path = Path(out)
     probe = out_path.parent if out_path.parent.exists() else Path(".")
@@ -40,7 +50,8 @@ def merge_to_folder(base: str | None, adapter: str, out: str, dtype: str = "floa
 
 
 def run(args) -> int:
-    merge_to_folder(args.base, args.adapter, args.out, args.dtype, args.allow_pickle, args.trust_remote_code)
+    merge_to_folder(args.base, args.adapter, args.out, args.dtype, args.allow_pickle, args.trust_remote_code,
+                    quantize=args.quantize)
     return 0
 
 
@@ -56,6 +67,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder for the merged model (replaced atomically)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the saved weights (default: float32)")
+    p.add_argument("--quantize", default="none", choices=["none", "nf4"],
+                   help="nf4: merge into the NF4-rounded base a QLoRA adapter was trained on (written dequantized, "
+                        "in --dtype); none: into the original weights (default: none)")
     p.add_argument("--allow-pickle", action="store_true", help="allow a pickle adapter_model.bin (weights_only)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own code to run")
     p.set_defaults(func=run)
