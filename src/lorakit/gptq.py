@@ -65,11 +65,15 @@ def pack_4bit(codes: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype, blo
 
 @torch.no_grad()
 def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, blocksize: int = 64, damp: float = 0.01,
-               quant_type: str = "nf4", lazy_batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+               quant_type: str = "nf4", lazy_batch: int = 128, act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (codes (out, in) uint8, absmax (out·in/blocksize,)) for W ≈ absmax·level[codes], GPTQ-rounded.
 
     `hessian` is XᵀX (in, in) over calibration rows x. Blocks are `blocksize` consecutive weights of a row,
     so in_features must be a multiple of blocksize. `damp` adds damp·mean(diag H) to the diagonal.
+    act_order: columns are rounded in order of decreasing input energy (diag H), so the most important ones
+    go first while many columns remain to absorb their error; each block's absmax is then fixed up front from
+    the original weights ("static groups"), and an updated weight beyond it rounds to the extreme level.
+    Without act_order, columns go left to right and a block's absmax is taken from its updated weights.
     """
     out_f, in_f = weight.shape
     if in_f % blocksize:
@@ -80,22 +84,26 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, blocksize: int = 64,
     levels = nf4_levels(quant_type, W.device)
     dead = torch.diag(H) == 0  # inputs that never fired: their weights cannot matter, keep them as rounded
     H[dead, dead] = 1
+    absmax = W.abs().reshape(out_f, in_f // blocksize, blocksize).amax(dim=2)  # static groups (act_order)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=W.device)
-    absmax = torch.empty(out_f, in_f // blocksize, device=W.device)
+    safe = lambda s: torch.where(s > 0, s, torch.ones_like(s))  # noqa: E731  (an all-zero block: any code is 0·level)
+    scale = None
     for i1 in range(0, in_f, lazy_batch):
         i2 = min(i1 + lazy_batch, in_f)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        scale = None
         for i in range(i2 - i1):
-            col = i1 + i
-            if col % blocksize == 0:  # a new block: its absmax from the weights as updated so far
-                scale = W1[:, i:i + blocksize].abs().amax(dim=1)
-                absmax[:, col // blocksize] = scale
-                scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            col = int(perm[i1 + i])
+            if act_order:
+                scale = safe(absmax[:, col // blocksize])
+            elif col % blocksize == 0:  # a new block, left to right: its absmax from the weights as updated so far
+                absmax[:, col // blocksize] = W1[:, i:i + blocksize].abs().amax(dim=1)
+                scale = safe(absmax[:, col // blocksize])
             w = W1[:, i]
             c = nearest_code(w / scale, levels)
             codes[:, col] = c.to(torch.uint8)
