@@ -78,7 +78,8 @@ def markdown(summary: dict, seeds: list[int], meta: dict) -> str:
     for m, r in summary.items():
         gap = r.get("gap_vs_lora")
         gap_s = "" if gap is None else f"{gap:+.1f} pt ({'within' if r['within_target'] else 'outside'} {TARGET_GAP:g})"
-        lines.append(f"| {r['label']} | {r['mean_before']:.1f} | {', '.join(f'{r['after'][s]:.1f}' for s in seeds if s in r['after'])} "
+        per_seed = ", ".join(f"{r['after'][s]:.1f}" for s in seeds if s in r["after"])
+        lines.append(f"| {r['label']} | {r['mean_before']:.1f} | {per_seed} "
                      f"| {r['mean_after']:.1f} ± {r['sd_after']:.1f} | {gap_s} | "
                      + " | ".join(f"{v:.1f}" for v in r["per_task_mean"].values()) + f" | {r['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"

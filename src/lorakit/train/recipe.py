@@ -197,6 +197,10 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
     say(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%); "
         f"{len(train_ex)} examples, {n_steps} steps of {o.batch_size} x {o.grad_accum} x {world}")
     optimizer = build_optimizer(model, o.lr, o.weight_decay, o.lora_plus_ratio, o.adam_betas)
+    from lorakit.quant import format_memory_report, memory_report
+    results["memory"] = memory_report(model, optimizer)  # AdamW's two moments counted before its first step
+    say("memory (weights, gradients and optimizer state; activations come on top):\n"
+        + format_memory_report(results["memory"]))
     scheduler = build_scheduler(optimizer, o.warmup_steps, n_steps, o.min_lr_ratio)
     if controller is not None:
         scheduler = _WithAdaptive(scheduler, controller, model_device(model))
