@@ -71,17 +71,18 @@ def summarize(runs: dict) -> dict:
 def markdown(summary: dict, seeds: list[int], meta: dict) -> str:
     lines = [f"QLoRA quality check ({meta['date']}, `python bench/qlora_quality.py`): embedded SmolLM2-135M-Instruct, "
              f"`lorakit train` defaults (60 steps, r=16 all-linear), 136 held-out rows (1 row = 0.74 pt), "
-             f"seeds {', '.join(map(str, seeds))}.", "",
+             f"seeds {', '.join(map(str, seeds))}; per-task columns are means over seeds. Training times are in "
+             f"summary.json (not comparable here: other work shared the cores).", "",
              "| method | base accuracy % (before training) | held-out accuracy % per seed | mean ± sd | gap vs LoRA | "
-             + " | ".join(next(iter(summary.values()))["per_task_mean"]) + " | train s |",
-             "|---|---|---|---|---|" + "---|" * len(next(iter(summary.values()))["per_task_mean"]) + "---|"]
+             + " | ".join(next(iter(summary.values()))["per_task_mean"]) + " |",
+             "|---|---|---|---|---|" + "---|" * len(next(iter(summary.values()))["per_task_mean"])]
     for m, r in summary.items():
         gap = r.get("gap_vs_lora")
         gap_s = "" if gap is None else f"{gap:+.1f} pt ({'within' if r['within_target'] else 'outside'} {TARGET_GAP:g})"
         per_seed = ", ".join(f"{r['after'][s]:.1f}" for s in seeds if s in r["after"])
         lines.append(f"| {r['label']} | {r['mean_before']:.1f} | {per_seed} "
                      f"| {r['mean_after']:.1f} ± {r['sd_after']:.1f} | {gap_s} | "
-                     + " | ".join(f"{v:.1f}" for v in r["per_task_mean"].values()) + f" | {r['train_seconds']:.0f} |")
+                     + " | ".join(f"{v:.1f}" for v in r["per_task_mean"].values()) + " |")
     return "\n".join(lines) + "\n"
 
 
