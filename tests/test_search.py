@@ -102,3 +102,17 @@ def test_cli_three_tiny_trials_then_resume(tmp_path, capsys):
     config = yaml.safe_load((out / "best.yaml").read_text())
     assert config["r"] == study.best_trial.params["r"] and config["model"] == str(model)
     assert load_options(out / "best.yaml").lr == study.best_trial.params["lr"]
+
+
+@pytest.mark.parametrize("how", ["nf4", "nf4-gptq"])
+def test_search_context_quantizes_the_base_as_the_recipe_does(tmp_path, how):
+    pytest.importorskip("bitsandbytes")
+    from lorakit.quant import is_quantized_layer
+    from lorakit.search import build_context
+    model = str(write_tiny_model(tmp_path / "m"))
+    data = str(write_jsonl(tmp_path / "t.jsonl", alpaca_rows(12)))
+    o = load_options(overrides={"model": model, "data": data, "quantize": how, "quant_calibration": 3})
+    logged = []
+    ctx = build_context(o, logged.append)
+    assert is_quantized_layer(ctx.model.model.layers[0].mlp.down_proj)
+    assert any("GPTQ" in str(m) for m in logged) == (how == "nf4-gptq")

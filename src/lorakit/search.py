@@ -138,6 +138,9 @@ def build_context(options: TrainOptions, log=print) -> TrialContext:
     kw = dict(template=options.template, max_seq_len=options.max_seq_len, system=options.system)
     train_ex, _ = tokenize_records(train, tokenizer, train_on_inputs=options.train_on_inputs, **kw)
     eval_ex, _ = tokenize_records(held, tokenizer, **kw)
+    if options.quantize == "nf4-gptq" and train_ex:  # as the recipe does: calibrated on the training rows
+        from lorakit.train.recipe import calibration_inputs, quantize_gptq
+        quantize_gptq(model, calibration_inputs(train_ex, options.quant_calibration), log)
     if options.packing:
         from lorakit.train.data import pack_examples
         train_ex = pack_examples(train_ex, options.max_seq_len)
