@@ -184,6 +184,7 @@ def test_qlora_run_then_eval_rebuilds_the_same_4bit_base(files, tmp_path, capsys
                            "quant_calibration=4")) == 0
     printed = capsys.readouterr().out
     assert ("GPTQ rounding on 4 calibration rows" in printed) == (how == "nf4-gptq")
+    assert ("--quantize nf4-gptq keeps" in " ".join(printed.split())) == (how == "nf4")  # the small-model hint
     assert "optimizer state" in printed and "bits/param" in printed  # the memory report, with the 4-bit base
     report = json.loads((out / "results.json").read_text())["memory"]
     assert 4.0 < report["bits_per_quantized_param"] < 5 and report["quantized_params"] > 0  # tiny: codebooks weigh
