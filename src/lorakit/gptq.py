@@ -139,6 +139,7 @@ class HessianCollector:
 
 
 def hessian_bytes(linear: nn.Module) -> int:
+    """Returns the bytes of one layer's fp32 XᵀX (in_features²)."""
     return 4 * linear.in_features ** 2
 
 

@@ -336,7 +336,7 @@ def quantize(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_qu
 
 
 def _quantize_gptq(model, targets, calibration, quant_type, double_quant, compute_dtype, block_size, damp, budget):
-    from lorakit.gptq import HessianCollector, run_calibration
+    from lorakit.gptq import HessianCollector, hessian_bytes, run_calibration
     calibration = list(calibration)
     if not calibration:
         raise ConfigError("quantize: calibration is empty; give some model inputs, or calibration=None")
@@ -350,9 +350,9 @@ def _quantize_gptq(model, targets, calibration, quant_type, double_quant, comput
         i = 0
         while i < len(targets):
             group, used = [], 0
-            while i < len(targets) and (not group or used + 4 * targets[i][2].in_features ** 2 <= budget):
+            while i < len(targets) and (not group or used + hessian_bytes(targets[i][2]) <= budget):
                 group.append(targets[i])
-                used += 4 * targets[i][2].in_features ** 2
+                used += hessian_bytes(targets[i][2])
                 i += 1
             # the input reaches the LoRA wrapper (its fused path reads the base weight without calling it)
             collector = HessianCollector({name: owner if owner is not None else linear for name, owner, linear in group})
