@@ -119,7 +119,6 @@ class HessianCollector:
 
     def __init__(self, modules: dict[str, nn.Module]):
         self.h: dict[str, torch.Tensor] = {}
-        self.rows: dict[str, int] = {}
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
 
     def _hook(self, name):
@@ -128,9 +127,7 @@ class HessianCollector:
             x = x.reshape(-1, x.shape[-1]).float()
             if name not in self.h:
                 self.h[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-                self.rows[name] = 0
             self.h[name].addmm_(x.t(), x)
-            self.rows[name] += x.shape[0]
         return hook
 
     def remove(self) -> None:

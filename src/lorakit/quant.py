@@ -11,6 +11,7 @@ and reports the logit change that costs. `memory_report` counts bytes the way tr
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import warnings
@@ -211,17 +212,22 @@ class Dequantized:
 def _cpu_kernel(state):
     # bitsandbytes' own CPU dequantization kernel (what its dequantize_4bit op calls), which can write into a
     # given buffer; its registered op has no out= variant on CPU. None where bitsandbytes would not use it.
+    return _cpu_kernel_for(state.quant_type, state.dtype, state.blocksize, len(state.shape) == 2 and
+                           state.shape[-1] % 2 == 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_kernel_for(quant_type: str, dtype: torch.dtype, blocksize: int, even_2d: bool):
+    # Looked up once per kind of layer, not on every dequantization (the fused path calls it twice per step).
     try:
         from bitsandbytes.backends.cpu.ops import _has_avx512
         from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
     except Exception:
         return None
-    if isinstance(lib, ErrorHandlerMockBNBNativeLibrary) or (_has_avx512 and state.blocksize >= 2048):
+    if isinstance(lib, ErrorHandlerMockBNBNativeLibrary) or (_has_avx512 and blocksize >= 2048) or not even_2d:
         return None
-    if len(state.shape) != 2 or state.shape[-1] % 2:
-        return None
-    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(state.dtype)
-    return getattr(lib, f"cdequantize_blockwise_cpu_{state.quant_type}_{dtype}", None) if dtype else None
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
+    return getattr(lib, f"cdequantize_blockwise_cpu_{quant_type}_{name}", None) if name else None
 
 
 def _dequantize_into(data: torch.Tensor, state, out: torch.Tensor) -> torch.Tensor:
@@ -293,7 +299,7 @@ def _replace(model: nn.Module, name: str, owner: nn.Module | None, new: nn.Modul
     if owner is not None:  # a LoRA wrapper: swap its base layer, and re-decide whether the fused path applies
         owner.base_layer = new
         if isinstance(owner, LoraLinear) and not isinstance(owner, LoraMergedLinear):
-            owner._fusable = (type(new) is nn.Linear or is_quantized_layer(new)) and not owner.fan_in_fan_out
+            owner._fusable = owner.fusable_base(new)
         return
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

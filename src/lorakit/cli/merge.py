@@ -23,14 +23,12 @@ def merge_to_folder(base: str | None, adapter: str, out: str, dtype: str = "floa
     check_output_dir(out)  # before the expensive part: a bad --out fails at once
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     model, tokenizer = load_model(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    from lorakit.quant import merge_and_unload_quantized
     if quantize == "nf4":
-        from lorakit.quant import merge_and_unload_quantized
         lorakit.quantize(model)
-        lorakit.load_adapter(model, adapter, allow_pickle=allow_pickle)
-        merged = merge_and_unload_quantized(model).to(torch_dtype)
-    else:
-        lorakit.load_adapter(model, adapter, allow_pickle=allow_pickle)
-        merged = lorakit.merge_and_unload(model).to(torch_dtype)
+    lorakit.load_adapter(model, adapter, allow_pickle=allow_pickle)
+    unload = merge_and_unload_quantized if quantize == "nf4" else lorakit.merge_and_unload
+    merged = unload(model).to(torch_dtype)
     need = sum(p.numel() * p.element_size() for p in merged.parameters()) * 1.05 + (50 << 20)
     out_path = Path(out)
     probe = out_path.parent if out_path.parent.exists() else Path(".")

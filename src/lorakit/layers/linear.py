@@ -42,10 +42,14 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()
-        # The fused kernel needs W0 in (d, k) layout: a plain float weight, or a 4-bit one it dequantizes itself.
+        self._fusable = self.fusable_base(base_layer)
+
+    def fusable_base(self, base_layer: nn.Module) -> bool:
+        """Returns True when the fused kernel can read `base_layer`'s W0 in (d, k) layout: a plain float weight,
+        or a bitsandbytes 4-bit one it dequantizes itself (not Conv1D's (k, d) weights)."""
         weight_kind = type(getattr(base_layer, "weight", None))
-        self._fusable = (isinstance(base_layer, nn.Linear) and not self.fan_in_fan_out
-                         and (weight_kind in (torch.Tensor, nn.Parameter) or weight_kind.__name__ == "Params4bit"))
+        return (isinstance(base_layer, nn.Linear) and not self.fan_in_fan_out
+                and (weight_kind in (torch.Tensor, nn.Parameter) or weight_kind.__name__ == "Params4bit"))
 
     # ---------------------------------------------------------------- creation
     def _create(self, name: str, r: int) -> None:

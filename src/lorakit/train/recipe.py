@@ -116,6 +116,13 @@ def prepare_model(o: TrainOptions, log=print):
 SMALL_MODEL_PARAMS = 1_000_000_000  # below this, plain NF4 rounding measurably hurts (README, QLoRA)
 
 
+def tokenize_training(o: TrainOptions, records, tokenizer):
+    """Returns (examples, stats) for the training rows, tokenized as the options say."""
+    from lorakit.train.data import tokenize_records
+    return tokenize_records(records, tokenizer, template=o.template, max_seq_len=o.max_seq_len,
+                            train_on_inputs=o.train_on_inputs, system=o.system)
+
+
 def calibration_inputs(examples: list[dict], n: int) -> list[torch.Tensor]:
     """Returns the token ids of the first n training examples (one (1, T) tensor each): GPTQ's calibration."""
     return [torch.tensor(e["input_ids"])[None] for e in examples[:n]]
@@ -149,13 +156,12 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
     say(f"loading model {o.model} ...")
     model, tokenizer = prepare_model(o, say)
     data = load_data(o, tokenizer, say)
-    train_ex, stats = tokenize_records(data["train_records"], tokenizer, template=o.template,
-                                       max_seq_len=o.max_seq_len, train_on_inputs=o.train_on_inputs, system=o.system)
-    if o.quantize == "nf4-gptq" and train_ex:
-        quantize_gptq(model, calibration_inputs(train_ex, o.quant_calibration), say)
+    train_ex, stats = tokenize_training(o, data["train_records"], tokenizer)
     if not train_ex:
         raise DataError(f"{data['data_name']}: no training examples left after tokenization "
                         f"({stats['dropped']} rows lost their whole response to max_seq_len={o.max_seq_len})")
+    if o.quantize == "nf4-gptq":
+        quantize_gptq(model, calibration_inputs(train_ex, o.quant_calibration), say)
     if stats["truncated"] or stats["dropped"]:
         say(f"{stats['truncated']} of {stats['rows']} rows were longer than max_seq_len={o.max_seq_len} and were "
             f"truncated ({stats['dropped']} dropped: nothing of the response was left)")
@@ -418,11 +424,8 @@ def load_for_inference(model_spec: str | None, adapter: str | None, template: st
         from lorakit.quant import quantize as quantize_model
         model = quantize_model(model) or model
     elif how == "nf4-gptq":  # the same base the adapter trained on: GPTQ on the run's own calibration rows
-        from lorakit.train.data import tokenize_records
         o = load_options(base={k: v for k, v in run_cfg.items() if k != "resume"})
-        data = load_data(o, tokenizer, lambda *a, **k: None)
-        train_ex, _ = tokenize_records(data["train_records"], tokenizer, template=o.template,
-                                       max_seq_len=o.max_seq_len, train_on_inputs=o.train_on_inputs, system=o.system)
+        train_ex, _ = tokenize_training(o, load_data(o, tokenizer, lambda *a, **k: None)["train_records"], tokenizer)
         if not train_ex:
             raise ConfigError("--quantize nf4-gptq needs the run's training data for calibration; none was found")
         quantize_gptq(model, calibration_inputs(train_ex, o.quant_calibration),
