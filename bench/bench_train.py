@@ -19,12 +19,18 @@ utilisation is recorded either way. Modes:
     lorakit-gc-ce   lorakit-gc with the recipe's loss, lorakit.train.loop.loss_sum: for Llama-style models the
                 chunked head (functional.linear_cross_entropy) never holds all 4 x 256 x 32000 logits; same loss.
                 This is what `lorakit train --gradient-checkpointing` runs
-    compile     lorakit with torch.compile of the wrapped model
+    compile     lorakit with its decoder blocks compiled (lorakit.compiling.compile_blocks), as `lorakit train
+                --compile` runs it
     infer       forward-only latency (eval, no_grad): base model vs lorakit unmerged vs merged
-    embedded    lorakit (fused and unfused) and PEFT on the embedded model (skipped when it is not installed)
+    embedded    lorakit (fused, unfused, compiled) and PEFT on the embedded model (skipped when not installed)
 
     python bench/bench_train.py --small                      # quick check (~1 minute)
     python bench/bench_train.py --out bench/results/x.json   # the issue's config (~10 minutes)
+    python bench/bench_train.py --preset 1b --device cuda --dtype bfloat16 --modes lorakit,peft,floor,full,infer
+
+On CUDA every step is synchronized, the quiet-machine check is off (the GPU is the busy part), and memory is
+the peak of torch.cuda.max_memory_allocated in each worker (besides the process's peak RSS). The 1b preset is
+Llama-3.2-1B's shape (hidden 2048, 16 layers, 32 heads / 8 KV heads, intermediate 8192, vocab 128256).
 """
 from __future__ import annotations
 
@@ -44,12 +50,14 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 PRESETS = {
     "full": dict(hidden=1024, layers=8, heads=16, intermediate=2816, vocab=32000, batch=4, seq=256, steps=5, warmup=2),
     "small": dict(hidden=256, layers=2, heads=4, intermediate=704, vocab=4000, batch=2, seq=128, steps=7, warmup=2),
+    "1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256, batch=8, seq=1024,
+               steps=10, warmup=3),
 }
 TRAIN_MODES = ["lorakit", "lorakit-unfused", "peft", "full", "floor", "lorakit-gc", "lorakit-gc-ce", "compile"]
 ALL_MODES = TRAIN_MODES + ["infer", "embedded"]
 DEFAULT_MODES = ["lorakit", "peft", "full", "floor", "lorakit-gc", "lorakit-gc-ce", "infer"]
 INFER_VARIANTS = ["base", "unmerged", "merged"]
-EMBEDDED_VARIANTS = ["embedded-lorakit", "embedded-lorakit-unfused", "embedded-peft"]
+EMBEDDED_VARIANTS = ["embedded-lorakit", "embedded-lorakit-unfused", "embedded-lorakit-compile", "embedded-peft"]
 
 
 # ============================================================================ measuring
@@ -61,10 +69,18 @@ def busy_jiffies() -> float:
     return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def timed(fn) -> dict:
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str = "cpu") -> dict:
     """Runs fn() once; returns wall seconds, this process's CPU cores used, and the other processes' cores."""
+    sync(device)
     s0, c0, t0 = busy_jiffies(), time.process_time(), time.perf_counter()
     fn()
+    sync(device)
     t1, c1, s1 = time.perf_counter(), time.process_time(), busy_jiffies()
     wall, cpu = t1 - t0, c1 - c0
     return {"wall": wall, "cpu": cpu, "util": cpu / wall, "others": max(0.0, (s1 - s0) - cpu) / wall}
@@ -74,16 +90,25 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def peak_gpu_mib(device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
 # ============================================================================ worker side
 def build_model(a, seed: int = 0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.heads,
-                      num_key_value_heads=a.heads, intermediate_size=a.intermediate, vocab_size=a.vocab,
+                      num_key_value_heads=a.kv_heads or a.heads, intermediate_size=a.intermediate, vocab_size=a.vocab,
                       max_position_embeddings=max(2048, a.seq), tie_word_embeddings=False, use_cache=False)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).float()
+    with torch.device(a.device):  # built where it runs: a 1B model in fp32 on the CPU first would double memory
+        model = LlamaForCausalLM(cfg)
+    return model.to(getattr(torch, a.dtype))
 
 
 def lorakit_model(model, a, fuse: bool = True):
@@ -110,19 +135,22 @@ def train_step_fn(mode: str, a):
     import torch
     if mode.startswith("embedded"):
         from lorakit.models import load_model
-        model = load_model(None)[0].float()
+        model = load_model(None)[0].to(a.device, getattr(torch, a.dtype))
         vocab = model.config.vocab_size
     else:
         model = build_model(a)
         vocab = a.vocab
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (a.batch, a.seq), generator=g)
+    ids = torch.randint(0, vocab, (a.batch, a.seq), generator=g).to(a.device)
     model.train()
     if mode in ("lorakit", "lorakit-unfused", "lorakit-gc", "lorakit-gc-ce", "compile", "embedded-lorakit",
-                "embedded-lorakit-unfused"):
+                "embedded-lorakit-unfused", "embedded-lorakit-compile"):
         lorakit_model(model, a, fuse=not mode.endswith("-unfused"))
         if mode.startswith("lorakit-gc"):
             enable_checkpointing(model)
+        if mode.endswith("compile"):
+            from lorakit.compiling import compile_blocks
+            compile_blocks(model)
     elif mode in ("peft", "embedded-peft"):
         model = peft_model(model, a)
     elif mode == "floor":
@@ -131,7 +159,7 @@ def train_step_fn(mode: str, a):
         raise ValueError(mode)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-    fwd = torch.compile(model) if mode == "compile" else model
+    fwd = model
 
     if mode == "floor":
         emb = model.get_input_embeddings()
@@ -167,7 +195,7 @@ def infer_setup(a):
     with torch.no_grad():  # non-zero B, as after training
         for _, layer in lora_layers(adapted):
             layer.lora_B["default"].weight.normal_(0, 0.02)
-    ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=torch.Generator().manual_seed(1)).to(a.device)
 
     def fwd(model):
         def step():
@@ -191,10 +219,10 @@ def worker(a) -> None:
             if variant == "merged":  # merge outside the timed region: only the forward is timed
                 lorakit.merge(adapted)
                 try:
-                    return timed(lora_fwd)
+                    return timed(lora_fwd, a.device)
                 finally:
                     lorakit.unmerge(adapted)
-            return timed(base_fwd if variant == "base" else lora_fwd)
+            return timed(base_fwd if variant == "base" else lora_fwd, a.device)
         variants = INFER_VARIANTS
     elif a.worker == "embedded":
         fns = {}
@@ -202,13 +230,13 @@ def worker(a) -> None:
             fns[v] = train_step_fn(v, a)
 
         def run(variant):
-            return timed(fns[variant])
+            return timed(fns[variant], a.device)
         variants = EMBEDDED_VARIANTS
     else:
         step = train_step_fn(a.worker, a)
 
         def run(variant):
-            return timed(step)
+            return timed(step, a.device)
         variants = [a.worker]
     for _ in range(a.warmup):
         for v in variants:
@@ -219,7 +247,7 @@ def worker(a) -> None:
         if not cmd or cmd[0] == "quit":
             break
         reply(run(cmd[1]))
-    reply({"peak_rss_mib": peak_rss_mib()})
+    reply({"peak_rss_mib": peak_rss_mib(), "peak_gpu_mib": peak_gpu_mib(a.device)})
 
 
 def reply(obj) -> None:
@@ -251,12 +279,13 @@ class Worker:
         self.proc.stdin.flush()
         return self.read()
 
-    def close(self) -> float:
+    def close(self) -> dict:
+        """Returns the worker's peaks: peak_rss_mib, peak_gpu_mib (None off CUDA)."""
         self.proc.stdin.write("quit\n")
         self.proc.stdin.flush()
-        peak = self.read()["peak_rss_mib"]
+        peaks = self.read()
         self.proc.wait()
-        return peak
+        return peaks
 
 
 def machine_load(seconds: float = 1.0) -> float:
@@ -278,6 +307,8 @@ def wait_quiet(a, log) -> float:
 
 
 def is_quiet(r: dict, a) -> bool:
+    if a.device.startswith("cuda"):  # the GPU does the work; the CPU mostly waits on it
+        return True
     return r["others"] <= a.max_other and r["util"] >= a.min_util * a.threads
 
 
@@ -297,10 +328,11 @@ def measure(a, argv, log) -> dict:
             raise
     slots = [(w, v) for w in workers for v in w.variants]
     results = {v: [] for _, v in slots}
+    rounds = {v: [] for _, v in slots}
     for rnd in range(a.steps):
         for w, v in slots:
             for attempt in range(a.retries + 1):
-                if a.max_wait > 0:
+                if a.max_wait > 0 and not a.device.startswith("cuda"):
                     wait_quiet(a, log)
                 r = w.step(v)
                 r["quiet"] = is_quiet(r, a)
@@ -310,10 +342,11 @@ def measure(a, argv, log) -> dict:
                 log(f"  {v}: noisy step (util {r['util']:.2f} cores, others {r['others']:.2f}); "
                     + ("retrying" if attempt < a.retries else "keeping it"))
                 time.sleep(a.retry_wait)
+            rounds[v].append(results[v][-1])
         log(f"round {rnd + 1}/{a.steps}: " + "  ".join(f"{v} {results[v][-1]['wall']:.3f}s" for _, v in slots))
     out = {}
     for w in workers:
-        peak = w.close()
+        peaks = w.close()
         for v in w.variants:
             rs = results[v]
             quiet = [r for r in rs if r["quiet"]]
@@ -327,7 +360,11 @@ def measure(a, argv, log) -> dict:
                       "util_cores": statistics.median(r["util"] for r in use),
                       "all_cpu_s": [round(r["cpu"], 4) for r in rs],
                       "others_cores": statistics.median(r["others"] for r in use),
-                      "peak_rss_mib": peak, "worker": w.mode, "all_steps_s": [round(r["wall"], 4) for r in rs]}
+                      "tokens_per_s": a.batch * a.seq / statistics.median(r["wall"] for r in use),
+                      "peak_rss_mib": peaks["peak_rss_mib"], "peak_gpu_mib": peaks.get("peak_gpu_mib"),
+                      "worker": w.mode, "all_steps_s": [round(r["wall"], 4) for r in rs],
+                      # each round's last attempt (the step it kept), in round order: for paired ratios
+                      "round_s": [round(r[key], 4) for r in rounds[v]]}
             if len(use) != len(quiet):
                 out[v]["warning"] = "too few quiet steps: the median includes noisy steps"
     return {"results": out, "skipped": skipped}
@@ -336,39 +373,69 @@ def measure(a, argv, log) -> dict:
 RATIOS = [("lorakit", "peft"), ("lorakit", "floor"), ("floor", "peft"), ("lorakit-unfused", "peft"),
           ("lorakit-unfused", "floor"), ("lorakit", "full"), ("peft", "floor"), ("compile", "lorakit"),
           ("unmerged", "base"), ("merged", "base"), ("embedded-lorakit", "embedded-peft"),
-          ("embedded-lorakit", "embedded-lorakit-unfused")]
+          ("embedded-lorakit", "embedded-lorakit-unfused"), ("embedded-lorakit-compile", "embedded-lorakit"),
+          ("embedded-lorakit-compile", "embedded-peft")]
 MEM_RATIOS = [("lorakit", "peft"), ("lorakit-unfused", "peft"), ("lorakit-gc", "peft"), ("lorakit-gc-ce", "peft"),
-              ("lorakit", "floor")]
+              ("compile", "lorakit"), ("lorakit", "floor")]
+
+
+def paired_ratio(x: dict, y: dict) -> float | None:
+    """Returns the median over rounds of x's step / y's step in the same round (None when the rounds differ).
+
+    Steps of one round ran back to back, so a drift of the machine's speed between rounds (other tenants'
+    memory traffic, which /proc/stat cannot see) cancels in each round's ratio; the ratio of the two medians
+    ("time") does not cancel it."""
+    a, b = x.get("round_s", []), y.get("round_s", [])
+    if len(a) != len(b) or not a:
+        return None
+    return statistics.median(u / v for u, v in zip(a, b))
 
 
 def ratios(res: dict) -> dict:
     t = {f"{x}/{y}": res[x]["step_s"] / res[y]["step_s"] for x, y in RATIOS if x in res and y in res}
+    paired = {f"{x}/{y}": paired_ratio(res[x], res[y]) for x, y in RATIOS if x in res and y in res}
     m = {f"{x}/{y}": res[x]["peak_rss_mib"] / res[y]["peak_rss_mib"] for x, y in MEM_RATIOS if x in res and y in res}
-    return {"time": t, "peak_rss": m}
+    out = {"time": t, "time_paired": {k: v for k, v in paired.items() if v is not None}, "peak_rss": m}
+    if any(r.get("peak_gpu_mib") for r in res.values()):
+        out["peak_gpu"] = {f"{x}/{y}": res[x]["peak_gpu_mib"] / res[y]["peak_gpu_mib"]
+                           for x, y in MEM_RATIOS if x in res and y in res}
+    return out
 
 
 def table(report: dict) -> str:
     res, rat = report["results"], report["ratios"]
     metric = next(iter(res.values()))["metric"] if res else "wall"
-    lines = [f"{'mode':<18}{'s/step (' + metric + ')':>16}{'min':>9}{'wall s':>9}{'cpu s':>9}{'peak RSS MiB':>14}"
-             f"{'util cores':>12}{'others':>8}{'quiet':>8}"]
+    gpu = "peak_gpu" in rat
+    lines = [f"{'mode':<26}{'s/step (' + metric + ')':>16}{'min':>9}{'tokens/s':>10}{'cpu s':>9}"
+             f"{'peak RSS MiB':>14}{'GPU MiB' if gpu else 'util cores':>12}{'others':>8}{'quiet':>8}"]
     for v, r in res.items():
-        mem = f"{r['peak_rss_mib']:.0f}" if r["worker"] not in ("infer", "embedded") else "(shared)"
-        lines.append(f"{v:<18}{r['step_s']:>16.3f}{r['step_s_min']:>9.3f}{r['wall_s']:>9.3f}{r['cpu_s']:>9.3f}{mem:>14}{r['util_cores']:>12.2f}"
-                     f"{r['others_cores']:>8.2f}{r['steps_quiet']:>5}/{r['steps_total']}")
+        shared = r["worker"] in ("infer", "embedded")
+        mem = f"{r['peak_rss_mib']:.0f}" if not shared else "(shared)"
+        col = (f"{r['peak_gpu_mib']:.0f}" if not shared else "(shared)") if gpu else f"{r['util_cores']:.2f}"
+        lines.append(f"{v:<26}{r['step_s']:>16.3f}{r['step_s_min']:>9.3f}{r['tokens_per_s']:>10.0f}{r['cpu_s']:>9.3f}"
+                     f"{mem:>14}{col:>12}{r['others_cores']:>8.2f}{r['steps_quiet']:>5}/{r['steps_total']}")
     lines.append("")
     lines.append("ratios (step time): " + "  ".join(f"{k} {v:.3f}" for k, v in rat["time"].items()))
+    lines.append("  per-round, median: " + "  ".join(f"{k} {v:.3f}" for k, v in rat["time_paired"].items()))
     lines.append("ratios (peak RSS):  " + "  ".join(f"{k} {v:.3f}" for k, v in rat["peak_rss"].items()))
+    if gpu:
+        lines.append("ratios (peak GPU):  " + "  ".join(f"{k} {v:.3f}" for k, v in rat["peak_gpu"].items()))
     return "\n".join(lines)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Returns p with the benchmark's options added (shared by this script and `lorakit bench`)."""
-    p.add_argument("--small", action="store_true", help="a tiny model for a quick check")
+    p.add_argument("--small", action="store_true", help="a tiny model for a quick check (= --preset small)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="model and batch shape: full (the issue's 168M Llama, default), small, 1b (Llama-3.2-1B "
+                        "shape, for a GPU)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="weights and compute dtype (float32 on CPU: this CPU class has no fast bf16)")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES),
                    help=f"comma-separated subset of {','.join(ALL_MODES)} (default {','.join(DEFAULT_MODES)})")
-    for k in ("hidden", "layers", "heads", "intermediate", "vocab", "batch", "seq", "steps", "warmup"):
-        p.add_argument(f"--{k}", type=int, default=None, help="override the preset")
+    for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "batch", "seq", "steps", "warmup"):
+        p.add_argument(f"--{k.replace('_', '-')}", type=int, default=None, help="override the preset")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
     p.add_argument("--threads", type=int, default=2)
@@ -389,10 +456,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def finish(a: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Namespace:
     """Returns the parsed options with the preset filled in and the modes checked."""
-    preset = PRESETS["small" if a.small else "full"]
+    preset = PRESETS["small" if a.small else (a.preset or "full")]
     for k, v in preset.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    if a.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            p.error(f"--device {a.device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
     a.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     bad = [m for m in a.modes if m not in ALL_MODES]
     if bad:
@@ -406,9 +477,9 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def worker_argv(a) -> list[str]:
-    keys = ("hidden", "layers", "heads", "intermediate", "vocab", "batch", "seq", "warmup", "rank", "alpha", "threads")
-    argv = [x for k in keys for x in (f"--{k}", str(getattr(a, k)))]
-    return argv
+    keys = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "batch", "seq", "warmup", "rank",
+            "alpha", "threads", "device", "dtype")
+    return [x for k in keys if getattr(a, k) is not None for x in (f"--{k.replace('_', '-')}", str(getattr(a, k)))]
 
 
 def main(argv=None, args: argparse.Namespace | None = None) -> int:
@@ -434,11 +505,12 @@ def main(argv=None, args: argparse.Namespace | None = None) -> int:
         "date": started.isoformat(timespec="seconds"), "wall_s": (datetime.datetime.now().astimezone()
                                                                   - started).total_seconds(),
         "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpus": os.cpu_count(),
+                    "gpu": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else None,
                     "load_before_cores": load_before, "loadavg_after": os.getloadavg()},
         "versions": versions, "note": a.note,
-        "config": {k: getattr(a, k) for k in ("hidden", "layers", "heads", "intermediate", "vocab", "batch", "seq",
-                                              "rank", "alpha", "threads", "steps", "warmup", "modes", "metric",
-                                              "max_other", "min_util")},
+        "config": {k: getattr(a, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "batch",
+                                              "seq", "rank", "alpha", "threads", "steps", "warmup", "modes", "metric",
+                                              "max_other", "min_util", "device", "dtype")},
     }
     print(table(report))
     if a.out:

@@ -44,6 +44,31 @@ def test_lorakit_bench_small_reports_every_mode(tmp_path):
     data = json.loads(out.read_text())
     assert {"lorakit", "peft", "floor", "lorakit-gc-ce", "base", "unmerged", "merged"} <= set(data["results"])
     for r in data["results"].values():
-        assert r["step_s"] > 0 and r["steps_total"] >= 2
+        assert r["step_s"] > 0 and r["steps_total"] >= 2 and len(r["round_s"]) == 2 and r["tokens_per_s"] > 0
     assert {"lorakit/peft", "lorakit/floor", "unmerged/base"} <= set(data["ratios"]["time"])
+    res = data["results"]
+    per_round = [x / y for x, y in zip(res["lorakit"]["round_s"], res["peft"]["round_s"])]
+    assert data["ratios"]["time_paired"]["lorakit/peft"] == pytest.approx(sum(per_round) / 2)  # median of two
     assert {"lorakit/peft", "lorakit-gc-ce/peft"} <= set(data["ratios"]["peak_rss"])
+
+
+def _bench_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_train_for_test", BENCH / "bench_train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_preset_and_device_options_reach_the_workers(capsys):
+    import torch
+    bench = _bench_module()
+    a = bench.parse(["--preset", "1b", "--dtype", "bfloat16"])
+    assert (a.hidden, a.layers, a.heads, a.kv_heads, a.vocab) == (2048, 16, 32, 8, 128256)
+    argv = bench.worker_argv(a)
+    assert argv[argv.index("--kv-heads") + 1] == "8" and argv[argv.index("--dtype") + 1] == "bfloat16"
+    assert "--kv-heads" not in bench.worker_argv(bench.parse(["--small"]))  # None: the workers use --heads
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            bench.parse(["--device", "cuda"])
+        assert "CUDA is not available here" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from lorakit.adaptive import enable_adaptive_rank
 from lorakit.adapters import (active_adapters, combine_adapters, delete_adapter, disable_adapters, set_adapter,
                               switch_merged_adapter)
 from lorakit.checkpointing import enable_gradient_checkpointing
+from lorakit.compiling import compile_blocks, uncompile_blocks
 from lorakit.config import LoraConfig
 from lorakit.fuse import fuse_shared_inputs, unfuse
 from lorakit.errors import AdapterFileError, ConfigError, DataError, LorakitError, ModelLoadError
@@ -21,7 +22,8 @@ __all__ = [
     "LoraConfig", "inject", "find_targets", "trainable_parameters", "summary", "merge", "unmerge",
     "merge_and_unload", "unload", "set_adapter", "active_adapters", "disable_adapters", "delete_adapter",
     "switch_merged_adapter", "combine_adapters", "save_adapter", "load_adapter", "read_adapter", "write_adapter",
-    "fuse_shared_inputs", "unfuse", "enable_gradient_checkpointing", "quantize", "dequantize", "memory_report", "format_memory_report", "enable_adaptive_rank",
+    "fuse_shared_inputs", "unfuse", "enable_gradient_checkpointing", "compile_blocks",
+    "uncompile_blocks", "quantize", "dequantize", "memory_report", "format_memory_report", "enable_adaptive_rank",
     "LoraLayer", "LoraLinear", "LoraMergedLinear", "LoraEmbedding", "LoraConv",
     "LorakitError", "ConfigError", "DataError", "AdapterFileError", "ModelLoadError",
 ]

@@ -91,8 +91,8 @@ class _LoraLinear(torch.autograd.Function):
         if need_x:
             if ctx.has_dropout:
                 grad_x = g @ weight
-            else:  # one fused GEMM: g·W0 + g_ax·A
-                grad_x = (g @ weight).addmm_(g_ax, A)
+            else:  # g_ax·A first, then g·W0 accumulated into it by the big GEMM (the forward's order)
+                grad_x = (g_ax @ A).addmm_(g, weight)
         if need_lx:
             grad_lx = g_ax @ A
         if need_w:

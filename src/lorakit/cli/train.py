@@ -58,7 +58,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     for f in option_fields():
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")  # argparse formats help
         if f.name == "resume":
             p.add_argument(flag, nargs="?", const="latest", default=None, metavar="PATH", help=help_text)
         elif _is_bool(f):

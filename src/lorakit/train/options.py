@@ -71,6 +71,9 @@ class TrainOptions:
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory, ~30% slower)")
     offload_activations: bool = _opt(False, "with gradient_checkpointing on CUDA: keep the checkpointed "
                                      "activations in (pinned) CPU memory instead of GPU memory")
+    compile: bool = _opt(False, "torch.compile each decoder block for the training forward (one graph reused by "
+                         "every block; eval and generation stay eager): compiling costs ~35 s on 2 CPU cores, then "
+                         "each step is ~3-4% faster with ~10% less peak memory, so it pays off on long runs")
     nan_policy: str = _opt("stop", "on a NaN/Inf loss: stop (keep the last good checkpoint) or skip the step")
     seed: int = _opt(42, "seed for LoRA init, dropout and data order")
     quantize: str = _opt("none", "quantize the frozen base: none, nf4 (QLoRA: round to nearest) or nf4-gptq "
@@ -141,6 +144,9 @@ class TrainOptions:
         if self.offload_activations and not self.gradient_checkpointing:
             bad("offload_activations", "needs gradient_checkpointing (it moves the checkpointed activations); "
                 "add --gradient-checkpointing")
+        if self.compile and self.quantize != "none":
+            bad("compile", f"does not work with quantize={self.quantize} yet (torch.compile cannot trace the "
+                "4-bit bitsandbytes layers); drop --compile, or train without --quantize")
         if self.quant_calibration < 1:
             bad("quant_calibration", f"must be >= 1, got {self.quant_calibration}")
         if self.lora_plus_ratio <= 0:

@@ -206,6 +206,11 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
                                           orth_reg=o.adaptive_orth_reg, interval=o.adaptive_interval, seed=o.seed)
         say(f"adaptive rank: r={o.r} -> an average of {o.adaptive_target()} over {len(controller.layers)} modules "
             f"(budget {controller.init_budget} -> {controller.target_budget}; warmup {warmup}, final {final} steps)")
+    if o.compile:
+        from lorakit.compiling import compile_blocks
+        # dynamic shapes from the start: padded batches change length every step (one compile, not two)
+        n_blocks = compile_blocks(model, dynamic=None if o.packing else True)
+        say(f"torch.compile: {n_blocks} blocks share one compiled training graph (compiled during the first step)")
     trainable, total = lorakit.trainable_parameters(model)
     results["trainable_parameters"] = trainable
     say(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%); "
