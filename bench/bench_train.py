@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -208,7 +209,10 @@ def infer_setup(a):
 
 def worker(a) -> None:
     """Serves 'step VARIANT' / 'quit' lines on stdin with one JSON line each on stdout."""
+    import logging
     import torch
+    # peft imports bitsandbytes, which warns about an optional CPU kernel package neither side uses
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     if a.worker == "infer":
@@ -497,9 +501,9 @@ def main(argv=None, args: argparse.Namespace | None = None) -> int:
     report["ratios"] = ratios(report["results"])
     versions = {"torch": torch.__version__}
     for mod in ("transformers", "peft"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except ImportError:
+        try:  # the installed version, without importing the package (peft would import bitsandbytes here)
+            versions[mod] = importlib.metadata.version(mod)
+        except importlib.metadata.PackageNotFoundError:
             pass
     report["meta"] = {
         "date": started.isoformat(timespec="seconds"), "wall_s": (datetime.datetime.now().astimezone()
