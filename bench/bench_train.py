@@ -70,8 +70,12 @@ def busy_jiffies() -> float:
     return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def on_cuda(device: str) -> bool:
+    return device.startswith("cuda")
+
+
 def sync(device: str) -> None:
-    if device.startswith("cuda"):
+    if on_cuda(device):
         import torch
         torch.cuda.synchronize()
 
@@ -92,7 +96,7 @@ def peak_rss_mib() -> float:
 
 
 def peak_gpu_mib(device: str) -> float | None:
-    if not device.startswith("cuda"):
+    if not on_cuda(device):
         return None
     import torch
     return torch.cuda.max_memory_allocated(device) / 2**20
@@ -160,14 +164,13 @@ def train_step_fn(mode: str, a):
         raise ValueError(mode)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-    fwd = model
 
     if mode == "floor":
         emb = model.get_input_embeddings()
 
         def step():
             x = emb(ids).detach().requires_grad_(True)
-            fwd(inputs_embeds=x, labels=ids).loss.backward()
+            model(inputs_embeds=x, labels=ids).loss.backward()
     elif mode == "lorakit-gc-ce":
         from lorakit.train.loop import chunked_head, loss_sum
         assert chunked_head(model) is not None
@@ -181,7 +184,7 @@ def train_step_fn(mode: str, a):
     else:
         def step():
             opt.zero_grad(set_to_none=True)
-            fwd(input_ids=ids, labels=ids).loss.backward()
+            model(input_ids=ids, labels=ids).loss.backward()
             opt.step()
     return step
 
@@ -311,7 +314,7 @@ def wait_quiet(a, log) -> float:
 
 
 def is_quiet(r: dict, a) -> bool:
-    if a.device.startswith("cuda"):  # the GPU does the work; the CPU mostly waits on it
+    if on_cuda(a.device):  # the GPU does the work; the CPU mostly waits on it
         return True
     return r["others"] <= a.max_other and r["util"] >= a.min_util * a.threads
 
@@ -336,7 +339,7 @@ def measure(a, argv, log) -> dict:
     for rnd in range(a.steps):
         for w, v in slots:
             for attempt in range(a.retries + 1):
-                if a.max_wait > 0 and not a.device.startswith("cuda"):
+                if a.max_wait > 0 and not on_cuda(a.device):
                     wait_quiet(a, log)
                 r = w.step(v)
                 r["quiet"] = is_quiet(r, a)
@@ -464,7 +467,7 @@ def finish(a: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Namesp
     for k, v in preset.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
-    if a.device.startswith("cuda"):
+    if on_cuda(a.device):
         import torch
         if not torch.cuda.is_available():
             p.error(f"--device {a.device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
@@ -509,7 +512,7 @@ def main(argv=None, args: argparse.Namespace | None = None) -> int:
         "date": started.isoformat(timespec="seconds"), "wall_s": (datetime.datetime.now().astimezone()
                                                                   - started).total_seconds(),
         "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpus": os.cpu_count(),
-                    "gpu": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else None,
+                    "gpu": torch.cuda.get_device_name(a.device) if on_cuda(a.device) else None,
                     "load_before_cores": load_before, "loadavg_after": os.getloadavg()},
         "versions": versions, "note": a.note,
         "config": {k: getattr(a, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "batch",

@@ -52,17 +52,10 @@ def test_lorakit_bench_small_reports_every_mode(tmp_path):
     assert {"lorakit/peft", "lorakit-gc-ce/peft"} <= set(data["ratios"]["peak_rss"])
 
 
-def _bench_module():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_train_for_test", BENCH / "bench_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_gpu_preset_and_device_options_reach_the_workers(capsys):
     import torch
-    bench = _bench_module()
+    from lorakit.cli.bench import _load
+    bench = _load()  # bench/bench_train.py as a module, as `lorakit bench` loads it
     a = bench.parse(["--preset", "1b", "--dtype", "bfloat16"])
     assert (a.hidden, a.layers, a.heads, a.kv_heads, a.vocab) == (2048, 16, 32, 8, 128256)
     argv = bench.worker_argv(a)

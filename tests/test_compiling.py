@@ -3,19 +3,17 @@ eager step's loss and LoRA gradients; evaluation stays eager; bad setups are cle
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 import torch
 from torch import nn
 
 import lorakit
-from lorakit.compiling import compile_blocks, repeated_blocks, uncompile_blocks
+from lorakit.compiling import compile_blocks, has_cxx_compiler, repeated_blocks, uncompile_blocks
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.train.options import load_options
 
-needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                                    reason="torch.compile's CPU kernels need a C++ compiler")
+needs_compiler = pytest.mark.skipif(not has_cxx_compiler(), reason="torch.compile's CPU kernels need a C++ compiler")
 
 
 def tiny_lora_llama():

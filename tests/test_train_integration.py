@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lorakit
+from lorakit.compiling import has_cxx_compiler
 from lorakit.train import checkpoint as ck
 from lorakit.train import loop, recipe
 from lorakit.train.options import TrainOptions
@@ -202,8 +203,7 @@ if __name__ == "__main__":
     _nan_worker(Path(sys.argv[1]))
 
 
-@pytest.mark.skipif(not any(__import__("shutil").which(c) for c in ("g++", "c++", "clang++")),
-                    reason="torch.compile's CPU kernels need a C++ compiler")
+@pytest.mark.skipif(not has_cxx_compiler(), reason="torch.compile's CPU kernels need a C++ compiler")
 def test_compiled_run_follows_the_eager_run(files, tmp_path):
     # `lorakit train --compile`: the decoder blocks run compiled (dynamic shapes: padded batches change length),
     # the loss head, optimizer and eval stay eager; the run's losses are the eager run's.

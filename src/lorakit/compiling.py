@@ -35,10 +35,15 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return best if len(best) >= 2 else []
 
 
+def has_cxx_compiler() -> bool:
+    """Returns True when a C++ compiler ($CXX, g++, c++ or clang++), which inductor's CPU kernels need, is found."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c)
+
+
 def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     """Returns the number of blocks whose training forward now runs through torch.compile (`compile_kwargs`
     go to torch.compile); idempotent; `uncompile_blocks` undoes it."""
-    if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+    if not has_cxx_compiler():
         raise LorakitError("torch.compile needs a C++ compiler for its CPU kernels and found none (g++, c++, "
                            "clang++ or $CXX); install one (e.g. apt install g++) or turn the compile option off")
     blocks = repeated_blocks(model)
