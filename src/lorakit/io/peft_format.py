@@ -33,8 +33,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-_FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B",
-                    ".lora_magnitude_vector")
 
 
 def write_adapter(directory: str | os.PathLike, config: LoraConfig | dict, tensors: dict[str, torch.Tensor],

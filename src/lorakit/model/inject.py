@@ -17,6 +17,7 @@ from lorakit.model.mixed_batch import install_mixed_batch_hook
 from lorakit.model.shared_input import fuse_shared_inputs
 from lorakit.model.state import adapter_configs, check_adapter_name, set_adapter, set_adapter_configs, set_submodule
 from lorakit.model.targets import base_of, find_targets, matching_modules
+from lorakit.variants.dora import DORA
 from lorakit.variants.init import BASE_INITS
 
 
@@ -41,7 +42,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     for name in targets:
         current = model.get_submodule(name)
         wrapper = current if isinstance(current, LoraLayer) else wrap(current, name, config)
-        if config.use_dora and wrapper.kind != "linear":
+        if config.use_dora and wrapper.kind not in DORA.layer_kinds:
             raise ConfigError(f"use_dora: {name} is a {type(base_of(wrapper)).__name__}; DoRA needs a linear layer")
         if config.init_lora_weights in BASE_INITS and not wrapper.base_init:
             raise ConfigError(f"init_lora_weights={config.init_lora_weights!r}: {name} is not a plain linear layer")

@@ -11,8 +11,7 @@ Round-to-nearest NF4 (`lorakit.quantize`, as in the QLoRA paper) minimises the w
 feels. The stored layer is an ordinary bitsandbytes Linear4bit (4.127 bits per weight with double
 quantization): training, the fused LoRA path, saving adapters and merging are unchanged.
 
-Why it matters: small models are fragile under 4 bits. SmolLM2-135M's held-out loss goes from 2.04 (fp32) to
-3.17 with round-to-nearest NF4 on every projection, and its held-out accuracy from 30.9% to 2.9%.
+Why it matters: small models are fragile under 4 bits (bench/qlora_quality.py measures how much GPTQ recovers).
 
 Layers are processed in module order, a group at a time (the Hessians of a group fit in `hessian_budget`
 bytes): one pass over the calibration data per group, so later groups see the already-quantized earlier
