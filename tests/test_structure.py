@@ -180,9 +180,13 @@ def test_file_is_at_most_500_lines(name):
     assert n <= MAX_LINES, f"{MODULES[name]} has {n} lines; split it (a module does one thing)"
 
 
-def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
+def test_the_checker_sees_function_level_and_relative_imports():
     # the parser itself: a function-level import and a relative one are both found
     tree = ast.parse("def f():\n    from lorakit.x import _y\nfrom . import z\n")
     kinds = [(type(n).__name__, n.level if isinstance(n, ast.ImportFrom) else 0) for n in ast.walk(tree)
              if isinstance(n, (ast.Import, ast.ImportFrom))]
     assert ("ImportFrom", 0) in kinds and ("ImportFrom", 1) in kinds
+
+
+def test_the_cycle_finder_reports_the_modules_of_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}) == [["a", "b", "c"]]

@@ -2,9 +2,9 @@
 
     h = W0·x + (alpha/r)·B·(A·x)      W0 frozen, A: r×k random, B: d×r zero at start
 """
-# The old module `lorakit.inject` shares its name with the function: load the module first, so the function
-# bound below wins and a later `import lorakit.inject` (already loaded) does not rebind `lorakit.inject`.
-import lorakit.inject  # noqa: F401  (compat shim)
+# The old module paths stay attributes of the package, as before the split (compat shims). They load first:
+# `lorakit.inject` is also a function, bound below, and an already loaded module is never bound again.
+from lorakit import adaptive, adapters, checkpointing, compiling, functional, fuse, inject, quant  # noqa: F401
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, ConfigError, DataError, LorakitError, ModelLoadError
 from lorakit.io import load_adapter, read_adapter, save_adapter, write_adapter
