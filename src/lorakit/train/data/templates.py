@@ -20,9 +20,7 @@ def resolve_template(template: str, tokenizer) -> str:
         raise ConfigError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
     if template == "auto":
         # An instruct model was tuned on its own chat format: prompting in it gives a much better untuned
-        # baseline and fine-tunes faster than teaching it a second (Alpaca) format. Measured on the embedded
-        # held-out set with SmolLM2-135M-Instruct, untuned exact match: chat template with its default system
-        # prompt 30.9%, chat with system "Answer with one word." 25.0%, Alpaca template 5.1% (it rambles).
+        # baseline and fine-tunes faster than teaching it a second (Alpaca) format (measured: docs/train_notes.md).
         return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
     if template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ConfigError("template 'chat' needs a tokenizer with a chat template; use template 'alpaca'.")
