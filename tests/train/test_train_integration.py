@@ -163,7 +163,7 @@ def test_a_nan_on_another_rank_skips_the_step_here(monkeypatch):
 
 def test_a_nan_on_one_of_two_ddp_ranks_stops_both_without_hanging(tmp_path):
     # a real 2-process gloo group (this file as torchrun's worker): rank 1 alone sees a NaN loss
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(__file__).parent),
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
                                                                              os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            __file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=180)
