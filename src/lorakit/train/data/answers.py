@@ -1,8 +1,6 @@
 """Exact-match scoring of generated answers."""
 from __future__ import annotations
 
-import re
-
 
 def normalize_answer(text: str) -> str:
     """Returns the first line of a generated answer, lower-cased, without surrounding spaces/punctuation."""
