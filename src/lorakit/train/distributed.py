@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.ops.nf4 import is_4bit
 from lorakit.train.runtime import default_out_dir, dist_env, local_device
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
@@ -196,7 +197,7 @@ def shard_fsdp(model: nn.Module) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    quantized = [n for n, p in model.named_parameters() if type(p).__name__ == "Params4bit"]
+    quantized = [n for n, p in model.named_parameters() if is_4bit(p)]
     if quantized:
         raise LorakitError(
             f"--strategy fsdp cannot shard a 4-bit (QLoRA, quantize=nf4) base: bitsandbytes' Params4bit "

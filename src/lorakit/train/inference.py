@@ -22,7 +22,7 @@ def load_for_inference(model_spec: str | None, adapter: str | None, template: st
     if quantize not in (None, "none", "nf4", "nf4-gptq"):
         raise ConfigError(f"--quantize {quantize!r}: choose none, nf4 or nf4-gptq")
     import lorakit
-    from lorakit.models import load_model
+    from lorakit.loading.pretrained import load_model
 
     run_cfg = {}
     if adapter and (Path(adapter) / "state.json").is_file():  # a checkpoint folder: use its adapter/
@@ -40,7 +40,7 @@ def load_for_inference(model_spec: str | None, adapter: str | None, template: st
     model.to(resolve_device(device))
     how = quantize or run_cfg.get("quantize")
     if how == "nf4":
-        from lorakit.quant import quantize as quantize_model
+        from lorakit.model.quantize import quantize as quantize_model
         model = quantize_model(model) or model
     elif how == "nf4-gptq":  # the same base the adapter trained on: GPTQ on the run's own calibration rows
         o = load_options(base={k: v for k, v in run_cfg.items() if k != "resume"})

@@ -1,5 +1,5 @@
 """Old path of the training pieces, kept importable: see runtime, batching, optim, step and evaluate."""
-from lorakit.checkpointing import enable_gradient_checkpointing  # noqa: F401
+from lorakit.model.activation_checkpointing import enable_gradient_checkpointing  # noqa: F401
 from lorakit.train.batching import (DataPosition, batch_order, batches_per_epoch, iterate_batches,  # noqa: F401
                                     total_steps)
 from lorakit.train.evaluate import encode_prompt, evaluate_accuracy, evaluate_loss, greedy_generate  # noqa: F401

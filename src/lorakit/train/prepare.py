@@ -16,12 +16,12 @@ SMALL_MODEL_PARAMS = 1_000_000_000  # below this, plain NF4 rounding measurably 
 
 def prepare_model(o: TrainOptions, log=print):
     """Returns (model, tokenizer) loaded for the options, on o.device, quantized when quantize=nf4."""
-    from lorakit.models import load_model
+    from lorakit.loading.pretrained import load_model
 
     model, tokenizer = load_model(o.model, trust_remote_code=o.trust_remote_code)
     model.to(resolve_device(o.device))  # before quantizing: bitsandbytes quantizes on the weight's device
     if o.quantize == "nf4":
-        from lorakit.quant import quantize  # optional: needs bitsandbytes
+        from lorakit.model.quantize import quantize  # optional: needs bitsandbytes
         n_params = sum(p.numel() for p in model.parameters())
         model = quantize(model) or model
         if n_params < SMALL_MODEL_PARAMS:
@@ -75,7 +75,7 @@ def calibration_inputs(examples: list[dict], n: int) -> list[torch.Tensor]:
 
 def quantize_gptq(model, calibration: list[torch.Tensor], log=print) -> None:
     """Quantizes `model` to NF4 in place with GPTQ rounding on `calibration` (lorakit.quant.quantize)."""
-    from lorakit.quant import quantize
+    from lorakit.model.quantize import quantize
     device = model_device(model)
     t0 = time.time()
     log(f"quantizing the base to NF4 with GPTQ rounding on {len(calibration)} calibration rows ...")

@@ -142,10 +142,10 @@ class Recipe:
         torch.manual_seed(o.seed)  # LoRA init independent of whatever ran before
         lorakit.inject(model, o.lora_config())
         if o.gradient_checkpointing:
-            from lorakit.checkpointing import enable_gradient_checkpointing
+            from lorakit.model.activation_checkpointing import enable_gradient_checkpointing
             enable_gradient_checkpointing(model, offload=o.offload_activations)
         if o.adaptive_rank:  # before the optimizer: it swaps the A factors for P·diag(λ)·Q triplets
-            from lorakit.adaptive import enable_adaptive_rank
+            from lorakit.train.adaptive import enable_adaptive_rank
             warmup, final = o.adaptive_phases(self.n_steps)
             c = self.controller = enable_adaptive_rank(model, None, o.adaptive_target(), self.n_steps, warmup, final,
                                                        orth_reg=o.adaptive_orth_reg, interval=o.adaptive_interval,
@@ -153,7 +153,7 @@ class Recipe:
             self.say(f"adaptive rank: r={o.r} -> an average of {o.adaptive_target()} over {len(c.layers)} modules "
                      f"(budget {c.init_budget} -> {c.target_budget}; warmup {warmup}, final {final} steps)")
         if o.compile:
-            from lorakit.compiling import compile_blocks
+            from lorakit.model.compiling import compile_blocks
             # dynamic shapes from the start: padded batches change length every step (one compile, not two)
             n_blocks = compile_blocks(model, dynamic=None if o.packing else True)
             self.say(f"torch.compile: {n_blocks} blocks share one compiled training graph "
@@ -166,7 +166,7 @@ class Recipe:
 
     def setup_optimizer(self) -> None:
         """Builds the optimizer and schedule, resumes from the checkpoint, and wraps the model for DDP/FSDP."""
-        from lorakit.quant import format_memory_report, memory_report
+        from lorakit.model.memory import format_memory_report, memory_report
         o, model = self.o, self.model
         self.optimizer = self.optimizer_fn(model, o.lr, o.weight_decay, o.lora_plus_ratio, o.adam_betas)
         self.results["memory"] = memory_report(model, self.optimizer)  # AdamW's moments before its first step

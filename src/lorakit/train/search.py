@@ -332,7 +332,7 @@ def _check_same_base(study, base: dict, log) -> None:
 
 
 def _check_target_sets(model, space: SearchSpace, options: TrainOptions) -> None:
-    from lorakit.inject import find_targets
+    from lorakit.model.targets import find_targets
 
     for name, modules in space.target_sets.items():
         try:

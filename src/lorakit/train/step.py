@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.functional import linear_cross_entropy
+from lorakit.model.targets import output_head
+from lorakit.ops.cross_entropy import linear_cross_entropy
 from lorakit.train.data import IGNORE_INDEX
 from lorakit.train.distributed import global_sums, global_tokens
 from lorakit.train.runtime import model_device, to_device
@@ -46,8 +47,7 @@ def chunked_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
                                                                  "logits_scaling")):
         return None
     backbone = getattr(model, getattr(model, "base_model_prefix", "") or "model", None)
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    head = output_head(model)
     if not isinstance(backbone, nn.Module) or type(head) is not nn.Linear:
         return None
     if type(head.weight) is not nn.Parameter or type(backbone).__name__.startswith("FSDP"):
