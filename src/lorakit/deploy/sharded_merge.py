@@ -2,7 +2,8 @@
 (and dtype, unless told otherwise), holding one shard in memory at a time.
 
 Each base shard is read tensor by tensor (safetensors, memory-mapped), the adapter's update is added in fp32
-(deploy.deltas), and the shard is written to a temporary folder; the index, config and tokenizer files follow,
+(deploy.deltas), and the tensor is appended to its output shard (header first, written from the plan) in a
+temporary folder; the index, config and tokenizer files follow,
 and the folder is renamed into place (lorakit.io.atomic_write_dir), so a failure leaves nothing half-written.
 
 An adapter trained on an NF4-quantized base (QLoRA) is merged into the ORIGINAL full-precision weights here:
@@ -73,8 +74,6 @@ def merge_sharded(base: str | Path, adapter: str | None, out: str | Path, dtype:
 
     dtype: "bf16", "fp16", "fp32" (or torch names), or None for each tensor's stored dtype.
     """
-    from safetensors.torch import save_file
-
     from lorakit.io import atomic_write_dir, check_output_dir
 
     out = Path(out)
@@ -88,16 +87,19 @@ def merge_sharded(base: str | Path, adapter: str | None, out: str | Path, dtype:
     check_disk(out.parent if out.parent.exists() else Path("."), need, "the merged model")
 
     def write(tmp: Path) -> None:
-        current, tensors = None, {}
-        for file, name, t in merged_tensors(ckpt, updates):
-            if file != current:
-                if tensors:
-                    save_file(tensors, str(tmp / current), metadata={"format": "pt"})
-                current, tensors = file, {}
-            tensors[name] = t.to(_out_dtype(ckpt, name, target)).contiguous()
-        if tensors:
-            save_file(tensors, str(tmp / current), metadata={"format": "pt"})
-        tensors.clear()
+        current, fh = None, None
+        try:
+            for file, name, t in merged_tensors(ckpt, updates):
+                if file != current:
+                    if fh is not None:
+                        fh.close()
+                    current = file
+                    fh = open(tmp / file, "wb")
+                    _write_header(fh, ckpt, ckpt.shards[file], target)
+                fh.write(t.to(_out_dtype(ckpt, name, target)).contiguous().view(torch.uint8).numpy().tobytes())
+        finally:
+            if fh is not None:
+                fh.close()
         if ckpt.sharded:
             index = json.loads((ckpt.folder / INDEX_NAME).read_text())
             index["metadata"] = {**index.get("metadata", {}), "total_size": need}
@@ -116,6 +118,25 @@ def merge_sharded(base: str | Path, adapter: str | None, out: str | Path, dtype:
     log(f"merged model written to {path} ({need / 1e6:.0f} MB, {dtype or 'the base dtype'}, "
         f"{len(ckpt.shards)} shard(s)): {what}; load it with transformers.AutoModelForCausalLM.from_pretrained('{path}')")
     return path
+
+
+_ST_NAME = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+            torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _write_header(fh, ckpt: Checkpoint, names: list[str], target: torch.dtype | None) -> None:
+    """Writes a safetensors header for `names` (in that order); the tensors' bytes follow one at a time, so a
+    shard is streamed to disk instead of being serialized in memory (safetensors.save_file builds it whole)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for n in names:
+        dt = _out_dtype(ckpt, n, target)
+        size = _numel(ckpt.shapes[n]) * dt.itemsize
+        header[n] = {"dtype": _ST_NAME[dt], "shape": list(ckpt.shapes[n]), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    fh.write(len(raw).to_bytes(8, "little"))
+    fh.write(raw)
 
 
 def _numel(shape) -> int:
