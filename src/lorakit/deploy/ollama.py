@@ -58,7 +58,7 @@ def family(chat_template: str | None) -> str | None:
 
 def default_system(chat_template: str | None) -> str | None:
     """The system message a ChatML template inserts when none is given (SmolLM2 has one), else None."""
-    m = re.search(r"<\|im_start\|>system\\n(.+?)<\|im_end\|>", chat_template or "")
+    m = re.search(r"<\|im_start\|>system(?:\\n|\n)(.+?)<\|im_end\|>", chat_template or "")
     return m.group(1) if m and "{{" not in m.group(1) else None
 
 
