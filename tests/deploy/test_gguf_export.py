@@ -96,3 +96,29 @@ def test_outtypes_keep_norms_in_f32(outtype, ggml, tmp_path):
         from transformers import AutoModelForCausalLM
         want = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m"))
         assert np.abs(llama_cpp_logits(out) - want).max() <= 0.05 * max(1.0, np.abs(want).max())
+
+
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (pip install 'lorakit[gguf-check]')")
+@pytest.mark.parametrize("arch,rope", [
+    ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32, "rope_theta": 10000.0}),
+    ("phi3", {"rope_type": "longrope", "long_factor": [1.0 + i / 4 for i in range(8)],
+              "short_factor": [1.0 + i / 8 for i in range(8)], "original_max_position_embeddings": 64,
+              "rope_theta": 10000.0}),
+])
+def test_rope_scaling_exports_match_in_llama_cpp(arch, rope, tmp_path):
+    import json
+    from transformers import AutoModelForCausalLM
+    save_tiny(arch, tmp_path / "m")
+    cfg_path = tmp_path / "m" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["rope_parameters"] = rope
+    cfg.pop("rope_scaling", None)
+    if arch == "phi3":
+        cfg["original_max_position_embeddings"] = 64
+    cfg_path.write_text(json.dumps(cfg))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    out = tmp_path / "m.gguf"
+    assert main(["export", "--base", str(tmp_path / "m"), "--out", str(out), "--outtype", "f32"]) == 0
+    want, got = logits(model), llama_cpp_logits(out)
+    assert np.abs(got - want).max() <= 1e-3 * max(1.0, np.abs(want).max())

@@ -201,6 +201,9 @@ def export_adapter_gguf(base: str | None, adapter: str, out: str | Path, outtype
     arch = gguf_arch.arch_for(hp)
     adir = resolve_adapter(adapter)
     updates = AdapterUpdates(adir, allow_pickle=allow_pickle)
+    if "lm_head.weight" not in ckpt.shapes and "lm_head.weight" in updates.updates:
+        raise AdapterNotApplicableError("the adapter updates lm_head, which this model ties to the input embedding "
+                                        "(llama.cpp ignores LoRA on a tied output head). Export the merged model instead.")
     updates.check(ckpt.shapes, f"the base checkpoint {folder}")
     tensors = adapter_gguf_tensors(updates, arch, hp)
     entries = [_Entry(n, tuple(t.shape), _qtype(n, tuple(t.shape), outtype)) for n, t in tensors]

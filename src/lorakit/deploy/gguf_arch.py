@@ -135,6 +135,13 @@ def write_hparams(w, arch: Arch, hp: dict) -> None:
         w.add_rope_scaling_orig_ctx_len(rp.get("original_max_position_embeddings")
                                         or hp.get("original_max_position_embeddings") or hp["max_position_embeddings"])
         w.add_sliding_window(hp.get("sliding_window") or 0)
+        orig = rp.get("original_max_position_embeddings") or hp.get("original_max_position_embeddings")
+        if rp.get("long_factor") and orig:
+            scale = hp["max_position_embeddings"] / orig
+            if kind in ("su", "longrope"):
+                w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
+            elif kind == "yarn":
+                w.add_rope_scaling_attn_factors(0.1 * math.log(scale) + 1.0 if scale > 1 else 1.0)
 
 
 def tensor_name(arch: Arch, hp: dict, name: str) -> str | None:
