@@ -37,7 +37,11 @@ def cache_root() -> Path:
 
 
 def run_measured(argv: list[str], env=None) -> dict:
-    """Runs a command; returns {seconds, peak_rss_anon_mib, rc, tail}, sampling RssAnon every 10 ms."""
+    """Runs a command; returns {seconds, cpu_seconds, peak_rss_anon_mib, rc, tail}, sampling RssAnon every 10 ms.
+    cpu_seconds (user + system of the child) is the number to compare on a shared machine, where wall time
+    depends on the other processes."""
+    import resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     peak = [0]
@@ -55,7 +59,10 @@ def run_measured(argv: list[str], env=None) -> dict:
     th.start()
     out, _ = p.communicate()
     th.join()
-    return {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_anon_mib": round(peak[0] / 2**20, 1),
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(cpu, 2),
+            "peak_rss_anon_mib": round(peak[0] / 2**20, 1),
             "rc": p.returncode, "tail": out.strip().splitlines()[-3:]}
 
 
@@ -104,28 +111,22 @@ def reference_generations(adapter: Path, n_prompts: int, new_tokens: int):
 
 # ------------------------------------------------------------------------------------------------ llama.cpp side
 def llama_cpp_check(model_path: Path, lora: Path | None, prompts, conts, ref_logits, eos: int, new_tokens: int) -> dict:
+    """llama.cpp's greedy tokens vs lorakit's, and the largest logit difference along lorakit's continuation."""
     import llama_cpp
 
+    from lorakit.deploy.llama_cpp import greedy_tokens
+
+    outs = greedy_tokens(model_path, prompts, new_tokens, eos, lora)
+    same = sum(got == want for got, want in zip(outs, conts))
+    first_diff = [next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+                  for got, want in zip(outs, conts) if got != want]
     kw = {"lora_path": str(lora)} if lora else {}
     llm = llama_cpp.Llama(str(model_path), n_ctx=512, logits_all=True, verbose=False, n_threads=2,
                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, **kw)
-    same, first_diff, max_diff, outs = 0, [], 0.0, []
+    max_diff = 0.0
     try:
-        for ids, want, ref in zip(prompts, conts, ref_logits):
+        for ids, want, ref in zip(prompts, conts, ref_logits):   # teacher forcing along lorakit's continuation
             llm.reset()
-            llm.eval(ids)
-            got = []
-            for _ in range(new_tokens):
-                nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-                got.append(nxt)
-                if nxt == eos:
-                    break
-                llm.eval([nxt])
-            outs.append(got)
-            same += got == want
-            if got != want:
-                first_diff.append(next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want))))
-            llm.reset()                                   # teacher forcing along lorakit's continuation
             llm.eval(ids + want)
             mine = np.array(llm.scores[len(ids) - 1: len(ids) + len(want) - 1])
             max_diff = max(max_diff, float(np.abs(mine - ref).max()))
@@ -239,7 +240,7 @@ def main() -> int:
         r = run_measured(lorakit_cmd("export", "--out", work / f"{name}.gguf", "--force", *extra), env=env)
         r["mb"] = round((work / f"{name}.gguf").stat().st_size / 1e6, 1) if r["rc"] == 0 else None
         exports[name] = r
-        print(f"export {name}: {r['seconds']} s, peak RssAnon {r['peak_rss_anon_mib']} MiB, rc {r['rc']}", flush=True)
+        print(f"export {name}: {r['seconds']} s ({r['cpu_seconds']} s CPU), peak RssAnon {r['peak_rss_anon_mib']} MiB, rc {r['rc']}", flush=True)
     result["exports"] = exports
     from lorakit.deploy.sources import base_folder, read_checkpoint
     base = base_folder(None)
@@ -287,9 +288,9 @@ def markdown(r: dict) -> str:
     for name, c in r["llama_cpp_vs_lorakit"].items():
         diff = c.get("max_abs_logit_diff", "")
         lines.append(f"| {name} | {c['identical']}/{c['n']} | {diff} |")
-    lines += ["", "| export | seconds | peak RssAnon MiB | size MB |", "|---|---|---|---|"]
+    lines += ["", "| `lorakit export` | wall s | CPU s | peak RssAnon MiB | size MB |", "|---|---|---|---|---|"]
     for name, e in r["exports"].items():
-        lines.append(f"| {name} | {e['seconds']} | {e['peak_rss_anon_mib']} | {e['mb']} |")
+        lines.append(f"| {name} | {e['seconds']} | {e.get('cpu_seconds', '')} | {e['peak_rss_anon_mib']} | {e['mb']} |")
     lines += ["", f"Importing torch + transformers + gguf alone: {r['import_only_peak_rss_anon_mib']} MiB RssAnon; "
                   f"the base checkpoint's largest shard: {r['base_largest_shard_mib']} MiB.", ""]
     ref = r.get("reference_converters", {})

@@ -4,39 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 
-import numpy as np
 import pytest
 import torch
 
 import lorakit
 from lorakit.cli import main
+from lorakit.deploy.llama_cpp import greedy_tokens
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                  reason="llama-cpp-python is not installed (pip install 'lorakit[gguf-check]')")]
-
-
-def _greedy_llama_cpp(path, prompts, n, eos, lora=None):
-    import llama_cpp
-    kw = {"lora_path": str(lora)} if lora else {}
-    llm = llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, **kw)
-    outs = []
-    try:
-        for ids in prompts:
-            llm.reset()
-            llm.eval(ids)
-            got = []
-            for _ in range(n):
-                nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-                got.append(nxt)
-                if nxt == eos:
-                    break
-                llm.eval([nxt])
-            outs.append(got)
-    finally:
-        llm.close()
-    return outs
 
 
 def test_smollm2_merged_and_adapter_gguf_generate_like_lorakit(tmp_path):
@@ -62,5 +39,5 @@ def test_smollm2_merged_and_adapter_gguf_generate_like_lorakit(tmp_path):
                  ["--out", str(tmp_path / "base.gguf")],
                  ["--adapter", str(tmp_path / "ad"), "--adapter-only", "--out", str(tmp_path / "ad.gguf")]):
         assert main(["export", "--outtype", "f32", *argv]) == 0
-    assert _greedy_llama_cpp(tmp_path / "merged.gguf", prompts, 12, tok.eos_token_id) == want
-    assert _greedy_llama_cpp(tmp_path / "base.gguf", prompts, 12, tok.eos_token_id, tmp_path / "ad.gguf") == want
+    assert greedy_tokens(tmp_path / "merged.gguf", prompts, 12, tok.eos_token_id) == want
+    assert greedy_tokens(tmp_path / "base.gguf", prompts, 12, tok.eos_token_id, tmp_path / "ad.gguf") == want

@@ -111,16 +111,20 @@ def _general(w, name: str, outtype: str | None, kind: str = "model") -> None:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def export_gguf(base: str | None, adapter: str | None, out: str | Path, outtype: str = "f16", force: bool = False,
-                allow_pickle: bool = False, name: str | None = None, log: Callable[[str], None] = print) -> Path:
-    """Writes the base model, with the adapter folded in when given, as one GGUF file; returns its path."""
+def _inputs(base: str | None, out, outtype: str, force: bool):
+    """Checks --outtype and --out, finds the base checkpoint and its architecture: (out, folder, ckpt, config, arch)."""
     if outtype not in OUTTYPES:
         raise LorakitError(f"--outtype {outtype}: choose one of {', '.join(OUTTYPES)}")
     out = check_output_file(out, force)
     folder = base_folder(base)
     ckpt = read_checkpoint(folder)
-    hp = ckpt.config
-    arch = gguf_arch.arch_for(hp)
+    return out, folder, ckpt, ckpt.config, gguf_arch.arch_for(ckpt.config)
+
+
+def export_gguf(base: str | None, adapter: str | None, out: str | Path, outtype: str = "f16", force: bool = False,
+                allow_pickle: bool = False, name: str | None = None, log: Callable[[str], None] = print) -> Path:
+    """Writes the base model, with the adapter folded in when given, as one GGUF file; returns its path."""
+    out, folder, ckpt, hp, arch = _inputs(base, out, outtype, force)
     updates = load_updates(adapter, ckpt, allow_pickle, log)
     extras = gguf_arch.extra_tensors(arch, hp)
     entries, plan = [], []
@@ -192,13 +196,7 @@ def export_adapter_gguf(base: str | None, adapter: str, out: str | Path, outtype
     """Writes the adapter as a GGUF LoRA file (llama.cpp --lora / Ollama ADAPTER); returns its path."""
     import gguf
 
-    if outtype not in OUTTYPES:
-        raise LorakitError(f"--outtype {outtype}: choose one of {', '.join(OUTTYPES)}")
-    out = check_output_file(out, force)
-    folder = base_folder(base)
-    ckpt = read_checkpoint(folder)
-    hp = ckpt.config
-    arch = gguf_arch.arch_for(hp)
+    out, folder, ckpt, hp, arch = _inputs(base, out, outtype, force)
     adir = resolve_adapter(adapter)
     updates = AdapterUpdates(adir, allow_pickle=allow_pickle)
     if "lm_head.weight" not in ckpt.shapes and "lm_head.weight" in updates.updates:

@@ -1,4 +1,5 @@
-"""llama.cpp's own quantizer (Q4_K_M, Q5_K_M, ...) through llama-cpp-python, when it is installed.
+"""llama.cpp through llama-cpp-python, when it is installed: its own quantizer (Q4_K_M, Q5_K_M, ...) and greedy
+generation from a GGUF file (with a GGUF LoRA), for checking exports against lorakit.
 
 lorakit never downloads llama.cpp binaries: `pip install 'lorakit[gguf-check]'` builds llama-cpp-python from
 source with this machine's compiler (scripts/setup.sh installs a wheel cached under
@@ -48,3 +49,32 @@ def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, threads: int | N
         if rc != 0:
             raise LorakitError(f"llama.cpp could not quantize {src} to {q} (llama_model_quantize returned {rc}).")
     return dst
+
+
+def greedy_tokens(model_path: str | Path, prompts: list[list[int]], max_new_tokens: int, eos: int | None,
+                  lora: str | Path | None = None, threads: int = 2) -> list[list[int]]:
+    """llama.cpp's greedy continuation (argmax of each step's logits) of each prompt's token ids, stopping after eos.
+    The KV cache is f32, so that differences come from the weights, not from llama.cpp's default f16 cache."""
+    import llama_cpp
+    import numpy as np
+
+    kw = {"lora_path": str(lora)} if lora else {}
+    n_ctx = max(len(p) for p in prompts) + max_new_tokens + 8
+    llm = llama_cpp.Llama(str(model_path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=threads,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, **kw)
+    outs = []
+    try:
+        for ids in prompts:
+            llm.reset()
+            llm.eval(ids)
+            got = []
+            for _ in range(max_new_tokens):
+                nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                got.append(nxt)
+                if nxt == eos:
+                    break
+                llm.eval([nxt])
+            outs.append(got)
+    finally:
+        llm.close()
+    return outs
