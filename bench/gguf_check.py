@@ -78,7 +78,7 @@ def env_with_src() -> dict:
 
 # ------------------------------------------------------------------------------------------------ lorakit side
 def reference_generations(adapter: Path, n_prompts: int, new_tokens: int):
-    """Returns (prompts as token ids, lorakit's greedy continuations, fp32 logits along them, eos id)."""
+    """Returns (prompts as token ids, lorakit's greedy continuations, fp32 logits along them, eos id, prompt texts)."""
     import torch
 
     import lorakit
@@ -96,9 +96,10 @@ def reference_generations(adapter: Path, n_prompts: int, new_tokens: int):
         import yaml
         settings = yaml.safe_load(cfg.read_text()) or {}
     records = embedded_dataset()["eval"][:n_prompts]
-    prompts, conts, logits = [], [], []
+    prompts, conts, logits, texts = [], [], [], []
     for r in records:
-        ids = encode_prompt(tok, render_prompt(r, tok, settings.get("template", "auto"), settings.get("system")))
+        texts.append(render_prompt(r, tok, settings.get("template", "auto"), settings.get("system")))
+        ids = encode_prompt(tok, texts[-1])
         with torch.no_grad():
             gen = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
@@ -106,7 +107,7 @@ def reference_generations(adapter: Path, n_prompts: int, new_tokens: int):
         prompts.append(ids)
         conts.append(gen)
         logits.append(full)
-    return prompts, conts, logits, tok.eos_token_id
+    return prompts, conts, logits, tok.eos_token_id, texts
 
 
 # ------------------------------------------------------------------------------------------------ llama.cpp side
@@ -246,7 +247,11 @@ def main() -> int:
     base = base_folder(None)
     result["base_largest_shard_mib"] = round(max((base / f).stat().st_size for f in read_checkpoint(base).shards) / 2**20, 1)
 
-    prompts, conts, ref_logits, eos = reference_generations(adapter, a.prompts, a.new_tokens)
+    prompts, conts, ref_logits, eos, texts = reference_generations(adapter, a.prompts, a.new_tokens)
+    vocab = llama_cpp.Llama(str(work / "merged_f32.gguf"), n_ctx=512, verbose=False, vocab_only=True)
+    result["llama_cpp_tokenizes_prompts_like_transformers"] = sum(
+        vocab.tokenize(t.encode(), add_bos=True, special=True) == ids for t, ids in zip(texts, prompts))
+    vocab.close()
     checks = {}
     for name, model, lora in (("merged_f32", "merged_f32", None), ("base_f32+adapter_f32", "base_f32", "adapter_f32"),
                               ("merged_f16", "merged_f16", None), ("base_f16+adapter_f16", "base_f16", "adapter_f16"),
@@ -291,6 +296,8 @@ def markdown(r: dict) -> str:
     lines += ["", "| `lorakit export` | wall s | CPU s | peak RssAnon MiB | size MB |", "|---|---|---|---|---|"]
     for name, e in r["exports"].items():
         lines.append(f"| {name} | {e['seconds']} | {e.get('cpu_seconds', '')} | {e['peak_rss_anon_mib']} | {e['mb']} |")
+    lines += ["", f"llama.cpp's own tokenizer (from the GGUF metadata) gives the same token ids as transformers for "
+                  f"{r['llama_cpp_tokenizes_prompts_like_transformers']}/{r['prompts']} prompt texts."]
     lines += ["", f"Importing torch + transformers + gguf alone: {r['import_only_peak_rss_anon_mib']} MiB RssAnon; "
                   f"the base checkpoint's largest shard: {r['base_largest_shard_mib']} MiB.", ""]
     ref = r.get("reference_converters", {})

@@ -127,3 +127,26 @@ def read_gguf(path):
 
 def config_json(folder: Path) -> dict:
     return json.loads((Path(folder) / "config.json").read_text())
+
+
+def save_spm_tokenizer(folder: Path) -> None:
+    """A SentencePiece-style tokenizer.json (BPE with byte fallback, '▁' for spaces), as transformers converts
+    Llama-2 / Mistral / Gemma / Phi-3 tokenizers: exported through the "llama" GGUF tokenizer model."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for ch in "▁abcdefghijklmnopqrstuvwxyz":
+        vocab[ch] = len(vocab)
+    merges = [("▁", "t"), ("▁t", "h"), ("▁th", "e"), ("▁", "a"), ("o", "w"), ("▁", "c"), ("▁c", "a"), ("▁ca", "t")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    fast.save_pretrained(folder)

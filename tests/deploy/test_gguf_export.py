@@ -122,3 +122,27 @@ def test_rope_scaling_exports_match_in_llama_cpp(arch, rope, tmp_path):
     assert main(["export", "--base", str(tmp_path / "m"), "--out", str(out), "--outtype", "f32"]) == 0
     want, got = logits(model), llama_cpp_logits(out)
     assert np.abs(got - want).max() <= 1e-3 * max(1.0, np.abs(want).max())
+
+
+def test_sentencepiece_style_tokenizer_is_written_as_llama_vocab(tmp_path):
+    import gguf
+    from deploy_fixtures import save_spm_tokenizer, tiny_model
+    model = tiny_model("mistral")
+    model.save_pretrained(tmp_path / "m")
+    save_spm_tokenizer(tmp_path / "m")
+    out = tmp_path / "m.gguf"
+    assert main(["export", "--base", str(tmp_path / "m"), "--out", str(out), "--outtype", "f32"]) == 0
+    meta, _, _ = read_gguf(out)
+    assert meta["tokenizer.ggml.model"] == "llama" and len(meta["tokenizer.ggml.tokens"]) == 320
+    assert meta["tokenizer.ggml.tokens"][3 + 0x41] == "<0x41>"
+    assert meta["tokenizer.ggml.token_type"][3 + 0x41] == gguf.TokenType.BYTE
+    assert meta["tokenizer.ggml.bos_token_id"] == 1 and "[INST]" in meta["tokenizer.chat_template"]
+    if HAS_LLAMA_CPP:
+        want, got = logits(model), llama_cpp_logits(out)
+        assert np.abs(got - want).max() <= 1e-3 * max(1.0, np.abs(want).max())
+        import llama_cpp
+        from transformers import AutoTokenizer
+        hf = AutoTokenizer.from_pretrained(tmp_path / "m")
+        llm = llama_cpp.Llama(str(out), n_ctx=32, verbose=False, vocab_only=True)
+        assert llm.tokenize(b"the cat", add_bos=False) == hf.encode("the cat", add_special_tokens=False)
+        llm.close()
