@@ -56,16 +56,6 @@ class Checkpoint:
     def sharded(self) -> bool:
         return (self.folder / INDEX_NAME).is_file()
 
-    def nbytes(self) -> int:
-        size = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
-        total = 0
-        for name, shape in self.shapes.items():
-            n = 1
-            for d in shape:
-                n *= d
-            total += n * size.get(self.dtypes[name], 4)
-        return total
-
 
 def read_checkpoint(folder: str | os.PathLike) -> Checkpoint:
     """Lists the shards and tensors of a model folder from the headers only (no tensor is read)."""
