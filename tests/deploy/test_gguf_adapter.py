@@ -44,6 +44,7 @@ def test_adapter_gguf_has_llama_cpp_lora_names_and_metadata(tmp_path):
     ("llama", {}), ("qwen2", {}), ("gemma", {}), ("phi3", {}),
     ("llama", {"use_rslora": True}),                                           # alpha/sqrt(r): folded into B
     ("llama", {"rank_pattern": {"q_proj": 8}, "alpha_pattern": {"v_proj": 2}}),  # per-module scales: folded
+    ("llama", {"target_modules": ["embed_tokens", "q_proj"]}),                  # embedding LoRA: lora_a transposed
 ])
 def test_llama_cpp_applies_the_adapter_like_transformers(arch, cfg, tmp_path):
     model = save_tiny(arch, tmp_path / "m")
