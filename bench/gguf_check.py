@@ -82,9 +82,9 @@ def reference_generations(adapter: Path, n_prompts: int, new_tokens: int):
     import torch
 
     import lorakit
-    from lorakit.models import load_model
+    from lorakit.loading.pretrained import load_model
     from lorakit.train.data import embedded_dataset, render_prompt
-    from lorakit.train.loop import encode_prompt
+    from lorakit.train.evaluate import encode_prompt
 
     torch.set_num_threads(2)
     model, tok = load_model(None)

@@ -17,9 +17,9 @@ pytestmark = [pytest.mark.slow,
 
 
 def test_smollm2_merged_and_adapter_gguf_generate_like_lorakit(tmp_path):
-    from lorakit.models import load_model
+    from lorakit.loading.pretrained import load_model
     from lorakit.train.data import embedded_dataset, render_prompt
-    from lorakit.train.loop import encode_prompt
+    from lorakit.train.evaluate import encode_prompt
     torch.manual_seed(0)
     model, tok = load_model(None)
     lorakit.inject(model, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))

@@ -22,7 +22,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 def base_folder(spec: str | os.PathLike | None) -> Path:
     """Returns the local transformers folder (config.json + safetensors) of a base model spec."""
-    from lorakit.models import cached_gguf_folder, embedded_model_path
+    from lorakit.loading.pretrained import cached_gguf_folder, embedded_model_path
 
     if spec is None or str(spec).lower() in ("default", "smollm2"):
         return cached_gguf_folder(embedded_model_path())
