@@ -87,7 +87,10 @@ def _matches(spec, name: str, module: nn.Module, head_names: set[str]) -> bool:
     if spec is None:
         return False
     if spec == "all-linear":
-        return is_linear(_base_of(module)) and name not in head_names
+        from lorakit.moe import is_plain_linear, is_router
+        base = _base_of(module)
+        return (is_linear(base) and name not in head_names and is_plain_linear(base)
+                and not is_router(name, base))
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return any(name == t or name.endswith("." + t) for t in spec)
@@ -115,7 +118,11 @@ def linear_layer_names(model: nn.Module) -> list[str]:
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Returns the names of the modules `config` selects; raises ConfigError with near misses when none."""
+    """Returns the names of the modules `config` selects; raises ConfigError with near misses when none.
+
+    With target_parameters set and target_modules None, no module is selected (as in PEFT)."""
+    if config.target_modules is None and config.target_parameters:
+        return []
     targets = config.target_modules if config.target_modules is not None else _default_targets(model)
     heads = _output_head_names(model)
     found, before_layers = [], []
@@ -144,6 +151,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 # ---------------------------------------------------------------------------- wrapping
 def _wrap(module: nn.Module, name: str, config: LoraConfig) -> LoraLayer:
     slices = config.slices_for(name)
+    from lorakit.moe import is_plain_linear
+    if is_linear(module) and not is_plain_linear(module):
+        raise ConfigError(f"target {name!r} is a {type(module).__name__}, an nn.Linear subclass whose forward is not "
+                          f"a plain linear map (it {'is a MoE router' if 'Router' in type(module).__name__ else 'overrides forward'}); "
+                          f"LoRA cannot wrap it as a linear layer")
     if is_linear(module):
         if slices is not None:
             return LoraMergedLinear(module, slices, fan_in_fan_out=None)
@@ -173,7 +185,17 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     configs = adapter_configs(model)
     if adapter_name in configs:
         raise ConfigError(f"adapter {adapter_name!r} already exists; delete it first or choose another name")
+    from lorakit import moe
+    config = moe.expand_all_linear(model, config, _plain_modules)
+    if config.target_modules == "all-linear":
+        moe.warn_skipped(moe.skipped_linears(model, _plain_modules))
+    param_targets = moe.find_parameter_targets(model, config, _plain_modules)
+    linear_params, param_targets = moe.split_linear_weights(model, param_targets)
+    if param_targets:
+        moe.check_parameter_config(config)
+        moe.wrapper_paths(model, param_targets)  # refuses a parameter set that differs from existing wrappers
     targets = find_targets(model, config)
+    targets += [n for n in linear_params if n not in targets]
     heads = _output_head_names(model)
     to_save = [n for n, m in _plain_modules(model) if n and _matches(config.modules_to_save, n, m, heads)]
     if config.modules_to_save and not to_save:
@@ -196,6 +218,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
                             config.init_lora_weights, config.use_rslora, config.use_dora)
         if is_new:
             _set_submodule(model, name, wrapper)
+    moe.inject_parameters(model, config, adapter_name, param_targets, _set_submodule)
     for name in to_save:
         current = model.get_submodule(name)
         if not isinstance(current, ModulesToSave):
@@ -275,6 +298,8 @@ def _untie_shared_weights(model: nn.Module) -> None:
     # too; give the LoRA layer its own copy first so only the adapted layer sees the update.
     owners = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
     for _, layer in lora_layers(model):
+        if not hasattr(layer.base_layer, "weight"):  # parameter targets (lorakit.layers.param) own no .weight
+            continue
         w = layer.base_layer.weight
         if owners[id(w)] > 1 and type(w) is nn.Parameter:
             layer.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
@@ -301,13 +326,17 @@ def unmerge(model: nn.Module) -> nn.Module:
 def _replace_wrappers(model: nn.Module, do_merge: bool) -> nn.Module:
     if do_merge:
         _untie_shared_weights(model)
+    replaced: list[str] = []
     for name, module in list(model.named_modules()):
+        if any(name.startswith(p) for p in replaced):  # nested parameter wrappers: handled with their outer one
+            continue
         if isinstance(module, LoraLayer):
-            if do_merge:
-                module.merge()
-            else:
-                module.unmerge()
-            _set_submodule(model, name, module.base_layer)
+            inner = module
+            while isinstance(inner, LoraLayer):
+                inner.merge() if do_merge else inner.unmerge()
+                inner = inner.base_layer
+            _set_submodule(model, name, inner)
+            replaced.append(name + ".")
         elif isinstance(module, ModulesToSave):
             keep = module.active_module() if do_merge else module.original_module
             for p in keep.parameters():

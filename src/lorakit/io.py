@@ -200,7 +200,9 @@ def _plain_named_parameters(model):
 def _export_config(model: nn.Module, adapter_name: str) -> LoraConfig:
     # Fused-slice layers are saved as the equivalent plain LoRA of rank r·n with the same scale.
     import copy
-    config = copy.deepcopy(adapter_configs(model)[adapter_name])
+    from lorakit.inject import lora_layers
+    from lorakit.moe import peft_export
+    config = copy.deepcopy(peft_export(model, adapter_configs(model)[adapter_name], adapter_name, lora_layers))
     for name, module in model.named_modules():
         if isinstance(module, LoraMergedLinear) and adapter_name in module.r:
             n = sum(module.enable_lora)
@@ -265,16 +267,23 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
     if bad_prefix:
         raise AdapterFileError(f"{where}: keys must start with {PREFIX!r}; first offending keys: {bad_prefix[:3]}")
     keys = {k[len(PREFIX):]: k for k in tensors}
+    from lorakit import moe
     try:
+        config = moe.expand_all_linear(model, config, _plain_modules)
+        linear_params, param_targets = moe.split_linear_weights(
+            model, moe.find_parameter_targets(model, config, _plain_modules))
         targets = find_targets(model, config)
+        targets += [n for n in linear_params if n not in targets]
+        expected = [(name, _expected_shapes(model.get_submodule(name), config.rank_for(name), config.use_dora),
+                     config.rank_for(name)) for name in targets]
+        expected += [(path, shapes, r) for path, (shapes, r) in
+                     moe.expected_param_shapes(model, config, param_targets).items()]
     except ConfigError as e:
         raise AdapterFileError(f"{where}: this adapter does not fit the model: {e}") from None
     plan: dict[str, tuple[str, str]] = {}
     problems, missing = [], []
-    for name in targets:
-        module = model.get_submodule(name)
-        r = config.rank_for(name)
-        for suffix, shape in _expected_shapes(module, r, config.use_dora).items():
+    for name, shapes, r in expected:
+        for suffix, shape in shapes.items():
             key = name + suffix
             if key not in keys:
                 missing.append(PREFIX + key)
