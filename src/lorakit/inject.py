@@ -83,6 +83,19 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
+def drop_inside_saved(targets: list[str], to_save: list[str]) -> list[str]:
+    """Returns `targets` without those inside a modules_to_save module (as PEFT: the module saved whole wins)."""
+    return [t for t in targets if not any(t.startswith(s + ".") for s in to_save)]
+
+
+def _call_method(model: nn.Module, method: str):
+    fn = getattr(model, method, None)
+    try:
+        return fn() if callable(fn) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
 def _matches(spec, name: str, module: nn.Module, head_names: set[str]) -> bool:
     if spec is None:
         return False
@@ -125,6 +138,10 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         return []
     targets = config.target_modules if config.target_modules is not None else _default_targets(model)
     heads = _output_head_names(model)
+    if config.task_type == "SEQ_CLS" and _call_method(model, "get_output_embeddings") is None:
+        # as PEFT: the sequence-classification head ("classifier" or "score") is not an all-linear target
+        head = next((getattr(model, n) for n in ("classifier", "score") if getattr(model, n, None) is not None), None)
+        heads |= {n for n, m in model.named_modules() if head is not None and m is head}
     found, before_layers = [], []
     for name, module in _plain_modules(model):
         if not name or not _matches(targets, name, module, heads):
@@ -200,6 +217,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     to_save = [n for n, m in _plain_modules(model) if n and _matches(config.modules_to_save, n, m, heads)]
     if config.modules_to_save and not to_save:
         raise ConfigError(f"LoraConfig.modules_to_save={config.modules_to_save} matched no module")
+    targets = drop_inside_saved(targets, to_save)
     overlap = set(targets) & set(to_save)
     if overlap:
         raise ConfigError(f"{sorted(overlap)[0]!r} is both a LoRA target and in modules_to_save; choose one")

@@ -22,7 +22,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, ConfigError, LorakitError
 from lorakit.inject import (_base_of, _matches, _output_head_names, _plain_modules, adapter_configs,
-                            check_adapter_name, find_targets, inject, is_linear)
+                            check_adapter_name, drop_inside_saved, find_targets, inject, is_linear)
 from lorakit.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, LoraMergedLinear, ModulesToSave
 from lorakit.layers.linear import linear_shape
 
@@ -274,6 +274,8 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
             model, moe.find_parameter_targets(model, config, _plain_modules))
         targets = find_targets(model, config)
         targets += [n for n in linear_params if n not in targets]
+        saved = [n for n, m in _plain_modules(model) if n and _matches(config.modules_to_save, n, m, _output_head_names(model))]
+        targets = drop_inside_saved(targets, saved)
         expected = [(name, _expected_shapes(model.get_submodule(name), config.rank_for(name), config.use_dora),
                      config.rank_for(name)) for name in targets]
         expected += [(path, shapes, r) for path, (shapes, r) in

@@ -36,11 +36,40 @@ FUSED_PAIRS = ("gate_up_proj",)  # expert tensors that fuse two projections: all
 
 
 def is_plain_linear(module: nn.Module) -> bool:
-    """Returns False for an nn.Linear subclass with its own forward (not a plain linear map, e.g. Llama 4's
-    router, which returns a tuple); True for nn.Linear itself, Conv1D and bitsandbytes' quantized linears."""
+    """Returns False for an nn.Linear subclass whose forward is not the plain map x·Wᵀ + b (Llama 4's router
+    returns a tuple); True for nn.Linear, Conv1D, bitsandbytes' quantized linears and subclasses that only
+    re-implement the same map (Falcon's FalconLinear), which is checked once on a small probe input."""
     if not isinstance(module, nn.Linear) or type(module).__name__ in _QUANTIZED_LINEARS:
         return True
-    return type(module).forward is nn.Linear.forward
+    if type(module).forward is nn.Linear.forward:
+        return True
+    cached = _PLAIN_PROBES.get(type(module))
+    if cached is None:
+        cached = _probe_plain(module)
+        _PLAIN_PROBES[type(module)] = cached
+    return cached
+
+
+_PLAIN_PROBES: dict[type, bool] = {}
+
+
+def _probe_plain(module: nn.Linear) -> bool:
+    import torch
+    w = module.weight
+    if w.device.type == "meta" or not w.dtype.is_floating_point:
+        return False
+    x = torch.randn(2, 3, module.in_features, dtype=w.dtype, device=w.device,
+                    generator=torch.Generator(device=w.device).manual_seed(0))
+    try:
+        with torch.no_grad():
+            out = module(x)
+    except Exception:
+        return False
+    if not isinstance(out, torch.Tensor) or out.shape != (2, 3, module.out_features):
+        return False
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, w, module.bias)
+    return bool(torch.allclose(out, ref, rtol=1e-3, atol=1e-4))
 
 
 def is_router(name: str, module: nn.Module) -> bool:
