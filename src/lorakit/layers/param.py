@@ -168,6 +168,8 @@ class LoraParam(LoraLayer):
                               f"targets ({self.parameter_name} of {type(self.owner).__name__}): the experts module "
                               f"mixes the tokens of all rows; run one adapter per call instead")
         owner, pname = self.owner, self.parameter_name
+        if self._grouped_ok(owner):
+            return self._grouped_forward(owner, *args, **kwargs)
         W = owner._parameters[pname]
         with torch.autocast(device_type=W.device.type, enabled=False):
             W_eff = self.effective_weight(W, live)
@@ -187,6 +189,40 @@ class LoraParam(LoraLayer):
             del owner.__dict__[pname]
             owner._parameters[pname] = W
             _RECIPES.pop(key, None)
+
+    # ---------------------------------------------------------------- grouped path (lorakit.layers.experts)
+    use_grouped = True  # class default; False forces the effective-weight path
+
+    def _chain(self) -> list["LoraParam"]:
+        chain, layer = [], self
+        while isinstance(layer, LoraParam):
+            chain.append(layer)
+            layer = layer.base_layer
+        return chain
+
+    def _grouped_ok(self, owner) -> bool:
+        ok = self.__dict__.get("_grouped_cache")
+        if ok is None:
+            from lorakit.layers import experts
+            ok = (experts.supports(owner) and all(l.num_experts > 1 and l.parameter_name in experts.projection_names()
+                                                  for l in self._chain()))
+            self.__dict__["_grouped_cache"] = ok
+        return ok and self.use_grouped
+
+    def _grouped_forward(self, owner, hidden_states, top_k_index=None, top_k_weights=None, **kwargs):
+        from lorakit.layers.experts import lora_experts_forward
+        if top_k_index is None or top_k_weights is None or kwargs:
+            raise ConfigError(f"{type(owner).__name__}: unexpected call signature for an experts module")
+        loras = {}
+        for layer in self._chain():
+            entries = []
+            for name in layer._live:
+                A, B = layer.factors(name)
+                E = layer.num_experts
+                entries.append((A.view(E, -1, A.shape[-1]), B.view(B.shape[0], -1, E).permute(2, 0, 1).contiguous(),
+                                layer.scaling[name]))
+            loras[layer.parameter_name] = entries
+        return lora_experts_forward(owner, loras, hidden_states, top_k_index, top_k_weights)
 
     def extra_repr(self) -> str:
         return f"parameter_name={self.parameter_name!r}, experts={self.num_experts}, " + super().extra_repr()
