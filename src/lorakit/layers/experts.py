@@ -40,9 +40,17 @@ def _project(x, owner, name: str, bias, offsets, loras) -> torch.Tensor:
     W = owner._parameters[name]
     out = grouped(x, W, offsets, bias=bias, is_transposed=owner.is_transposed)
     for A3, B3, scale in loras:  # A3: (E, r, in), B3: (E, out, r), both in (experts, out, in) layout
-        low = grouped(x.to(A3.dtype), A3, offsets)
-        out = out + (scale * grouped(low, B3, offsets)).to(out.dtype)
+        low = _low_rank(x.to(A3.dtype), A3, offsets)
+        out = out + (scale * _low_rank(low, B3, offsets)).to(out.dtype)
     return out
+
+
+def _low_rank(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    # torch's grouped_mm needs 16-byte aligned rows; a rank like 6 (fp32) is not: use transformers' fallback op.
+    step = 16 // x.element_size()
+    if x.shape[-1] % step == 0 and w.shape[1] % step == 0 and x.device.type != "meta":
+        return _grouped_linear()(x, w, offsets)
+    return torch.ops.transformers.grouped_mm_fallback(x, w.transpose(-2, -1).contiguous(), offsets)
 
 
 def lora_experts_forward(owner, loras: dict, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
