@@ -99,6 +99,8 @@ class TrainOptions:
     lora_dropout: float = _opt(0.0, "dropout on the LoRA input")
     target_modules: list[str] | str | None = _opt("all-linear", "modules to adapt: names, a regex, or all-linear")
     exclude_modules: list[str] | str | None = _opt(None, "modules never to adapt")
+    target_parameters: list[str] | None = _opt(None, "module parameters to adapt (MoE experts), e.g. "
+                                               "experts.gate_up_proj,experts.down_proj")
     layers_to_transform: list[int] | None = _opt(None, "adapt only these layer indices")
     layers_pattern: list[str] | str | None = _opt(None, "name of the layer list (PEFT field)")
     rank_pattern: dict[str, int] = _opt({}, "per-module ranks {pattern: r}")
