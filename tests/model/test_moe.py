@@ -130,7 +130,20 @@ def test_merge_unmerge_and_unload_restore_the_base():
     assert (logits(plain) - logits(base())).abs().max() <= 1e-6
 
 
-def test_mixed_adapter_batches_are_refused_with_the_reason():
+def test_mixed_adapter_batches_give_each_row_its_adapter(tmp_path):
+    _, da = peft_adapter(tmp_path, name="a")
+    _, db = peft_adapter(tmp_path, name="bb")
+    model = lorakit.load_adapter(base(), da, adapter_name="a")
+    lorakit.load_adapter(model, db, adapter_name="bb")
+    with torch.no_grad():
+        mixed = model(input_ids=IDS, adapter_names=["bb", "__base__"]).logits
+    lorakit.set_adapter(model, "bb")
+    torch.testing.assert_close(mixed[0], logits(model)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], logits(base())[1], rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_adapter_batches_are_refused_on_the_effective_weight_path(monkeypatch):
+    monkeypatch.setattr(LoraParam, "use_grouped", False)
     model = lorakit.inject(base(), lorakit.LoraConfig(r=4, target_parameters=EXPERTS))
     with pytest.raises(ConfigError, match="mixed-adapter batches"):
         model(input_ids=IDS, adapter_names=["default", "__base__"])

@@ -35,12 +35,14 @@ def _grouped_linear():
     return fn
 
 
-def _project(x, owner, name: str, bias, offsets, loras) -> torch.Tensor:
+def _project(x, owner, name: str, bias, offsets, loras, pair_masks) -> torch.Tensor:
     grouped = _grouped_linear()
     W = owner._parameters[name]
     out = grouped(x, W, offsets, bias=bias, is_transposed=owner.is_transposed)
-    for A3, B3, scale in loras:  # A3: (E, r, in), B3: (E, out, r), both in (experts, out, in) layout
+    for A3, B3, scale, adapter in loras:  # A3: (E, r, in), B3: (E, out, r), both in (experts, out, in) layout
         low = _low_rank(x.to(A3.dtype), A3, offsets)
+        if pair_masks is not None:  # mixed-adapter batch: this adapter's update only on its rows' tokens
+            low = low * pair_masks[adapter].to(low.dtype).unsqueeze(-1)
         out = out + (scale * _low_rank(low, B3, offsets)).to(out.dtype)
     return out
 
@@ -54,8 +56,11 @@ def _low_rank(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.
 
 
 def lora_experts_forward(owner, loras: dict, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                         top_k_weights: torch.Tensor) -> torch.Tensor:
-    """Runs `owner` (an experts module) with the LoRA factors `loras` = {parameter name: [(A3, B3, scale)]}."""
+                         top_k_weights: torch.Tensor, row_adapters: list[str] | None = None) -> torch.Tensor:
+    """Runs `owner` (an experts module) with the LoRA factors `loras` = {parameter name: [(A3, B3, scale, adapter)]}.
+
+    row_adapters (a mixed-adapter batch): the adapter of each batch row; the module's tokens are the rows'
+    tokens in order (batch × sequence flattened), so token t belongs to row t // (tokens / rows)."""
     device = hidden_states.device
     num_top_k = top_k_index.size(-1)
     num_tokens, hidden_dim = hidden_states.size(0), hidden_states.size(-1)
@@ -65,12 +70,22 @@ def lora_experts_forward(owner, loras: dict, hidden_states: torch.Tensor, top_k_
     x = hidden_states[perm // num_top_k]
     counts = torch.bincount(expert_ids_g, minlength=owner.num_experts)[:owner.num_experts]
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    pair_masks = None
+    if row_adapters is not None:
+        rows = len(row_adapters)
+        if num_tokens % rows:
+            raise ValueError(f"mixed-adapter batch: {num_tokens} tokens do not split into {rows} rows")
+        pair_rows = (perm // num_top_k) // (num_tokens // rows)
+        pair_masks = {}
+        for name in dict.fromkeys(e[3] for entries in loras.values() for e in entries):
+            row_mask = torch.tensor([n == name for n in row_adapters], device=device)
+            pair_masks[name] = row_mask[pair_rows]
     first = "gate_up_proj" if owner.has_gate else "up_proj"
     bias = getattr(owner, f"{first}_bias")[expert_ids_g] if owner.has_bias else None
-    h = _project(x, owner, first, bias, offsets, loras.get(first, ()))
+    h = _project(x, owner, first, bias, offsets, loras.get(first, ()), pair_masks)
     h = owner._apply_gate(h) if owner.has_gate else owner.act_fn(h)
     bias = owner.down_proj_bias[expert_ids_g] if owner.has_bias else None
-    h = _project(h, owner, "down_proj", bias, offsets, loras.get("down_proj", ()))
+    h = _project(h, owner, "down_proj", bias, offsets, loras.get("down_proj", ()), pair_masks)
     h = h * sample_weights[perm].unsqueeze(-1)
     inv_perm = torch.empty_like(perm)
     inv_perm[perm] = torch.arange(perm.size(0), device=device)

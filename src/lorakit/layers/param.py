@@ -163,13 +163,13 @@ class LoraParam(LoraLayer):
         live = self._live
         if not live:
             return self.base_layer(*args, **kwargs)
-        if self._row_adapters is not None:
-            raise ConfigError(f"adapter_names (mixed-adapter batches) is not supported on models with parameter "
-                              f"targets ({self.parameter_name} of {type(self.owner).__name__}): the experts module "
-                              f"mixes the tokens of all rows; run one adapter per call instead")
         owner, pname = self.owner, self.parameter_name
         if self._grouped_ok(owner):
             return self._grouped_forward(owner, *args, **kwargs)
+        if self._row_adapters is not None:
+            raise ConfigError(f"adapter_names (mixed-adapter batches) is not supported on {type(owner).__name__} "
+                              f"({self.parameter_name}): lorakit runs per-row adapters only through the grouped "
+                              f"experts path (transformers' experts modules); run one adapter per call instead")
         W = owner._parameters[pname]
         with torch.autocast(device_type=W.device.type, enabled=False):
             W_eff = self.effective_weight(W, live)
@@ -220,9 +220,9 @@ class LoraParam(LoraLayer):
                 A, B = layer.factors(name)
                 E = layer.num_experts
                 entries.append((A.view(E, -1, A.shape[-1]), B.view(B.shape[0], -1, E).permute(2, 0, 1).contiguous(),
-                                layer.scaling[name]))
+                                layer.scaling[name], name))
             loras[layer.parameter_name] = entries
-        return lora_experts_forward(owner, loras, hidden_states, top_k_index, top_k_weights)
+        return lora_experts_forward(owner, loras, hidden_states, top_k_index, top_k_weights, self._row_adapters)
 
     def extra_repr(self) -> str:
         return f"parameter_name={self.parameter_name!r}, experts={self.num_experts}, " + super().extra_repr()
