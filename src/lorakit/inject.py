@@ -300,7 +300,12 @@ def summary(model: nn.Module) -> str:
     params: Counter = Counter()
     for _, module in model.named_modules():
         if isinstance(module, (LoraLayer, ModulesToSave)):
-            kind = f"{type(module).__name__}({type(_base_of(module) if isinstance(module, LoraLayer) else module.original_module).__name__})"
+            inner = _base_of(module) if isinstance(module, LoraLayer) else module.original_module
+            if hasattr(module, "parameter_name"):  # a parameter target: name the module kind and the parameter
+                inner_name = f"{type(module.owner).__name__}.{module.parameter_name}"
+            else:
+                inner_name = type(inner).__name__
+            kind = f"{type(module).__name__}({inner_name})"
             kinds[kind] += 1
             params[kind] += sum(p.numel() for p in module.parameters() if p.requires_grad)
     trainable, total = trainable_parameters(model)
