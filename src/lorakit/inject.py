@@ -307,7 +307,8 @@ def summary(model: nn.Module) -> str:
                 inner_name = type(inner).__name__
             kind = f"{type(module).__name__}({inner_name})"
             kinds[kind] += 1
-            params[kind] += sum(p.numel() for p in module.parameters() if p.requires_grad)
+            params[kind] += sum(p.numel() for n, p in module.named_parameters()
+                                if p.requires_grad and not n.startswith("base_layer."))
     trainable, total = trainable_parameters(model)
     lines = [f"{'module kind':<40} {'count':>6} {'trainable params':>18}"]
     lines += [f"{k:<40} {kinds[k]:>6} {params[k]:>18,}" for k in sorted(kinds)]
