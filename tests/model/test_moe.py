@@ -187,3 +187,32 @@ def test_lorakit_file_of_a_different_model_is_refused(tmp_path):
     lorakit.save_adapter(model, tmp_path / "lk")
     with pytest.raises(AdapterFileError):
         lorakit.load_adapter(base("mixtral"), tmp_path / "lk")
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "llama4_text"])  # grouped path / effective-weight path
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, arch):
+    _, d = peft_adapter(tmp_path, arch)
+    grads = []
+    for checkpointing in (False, True):
+        m = lorakit.load_adapter(base(arch), d, is_trainable=True).train()
+        if checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m(input_ids=IDS, labels=IDS).loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6)
+
+
+def test_router_aux_loss_weight_follows_the_model_config():
+    from lorakit import moe
+    model = base()
+    assert moe.set_router_aux_loss(model, None) == 0.0  # the tiny config does not ask for router logits
+    model.config.output_router_logits, model.config.router_aux_loss_coef = True, 0.02
+    assert moe.set_router_aux_loss(model, None) == 0.02
+    assert moe.set_router_aux_loss(model, 0.5) == 0.5
+    model.train()
+    out = model(input_ids=IDS, **moe.router_aux_kwargs(model))
+    loss = torch.tensor(3.0)
+    assert float(moe.add_router_aux(loss, out, 10, model)) == pytest.approx(3.0 + 0.5 * float(out.aux_loss) * 10)
+    with pytest.raises(ConfigError):
+        moe.set_router_aux_loss(base("llama"), 0.1)
