@@ -43,6 +43,21 @@ def peft_adapter(tmp_path, arch="qwen3_moe", name="p", **kw):
     return pm, tmp_path / name
 
 
+def trained_grads(directory, arch="qwen3_moe", checkpointing=False) -> dict:
+    """Returns the factor gradients of one training step of the adapter in `directory` (loaded by lorakit)."""
+    m = lorakit.load_adapter(base(arch), directory, is_trainable=True).train()
+    if checkpointing:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    m(input_ids=IDS, labels=IDS).loss.backward()
+    return {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+
+
+def assert_same_grads(a: dict, b: dict, **tol) -> None:
+    assert set(a) == set(b)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], **tol)
+
+
 @pytest.fixture(params=[True, False], ids=["grouped", "effective-weight"])
 def path(request, monkeypatch):
     monkeypatch.setattr(LoraParam, "use_grouped", request.param)
@@ -65,11 +80,8 @@ def test_grouped_and_effective_weight_paths_agree_on_gradients(tmp_path, monkeyp
     grads = []
     for grouped in (True, False):
         monkeypatch.setattr(LoraParam, "use_grouped", grouped)
-        m = lorakit.load_adapter(base(), d, is_trainable=True).train()
-        m(input_ids=IDS, labels=IDS).loss.backward()
-        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
-    for n in grads[0]:
-        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6)
+        grads.append(trained_grads(d))
+    assert_same_grads(*grads, rtol=1e-4, atol=1e-6)
 
 
 def test_recomputed_effective_weight_gives_the_same_gradients(tmp_path, monkeypatch):
@@ -78,11 +90,8 @@ def test_recomputed_effective_weight_gives_the_same_gradients(tmp_path, monkeypa
     grads = []
     for recompute in (True, False):
         monkeypatch.setattr(LoraParam, "recompute_weight", recompute)
-        m = lorakit.load_adapter(base(), d, is_trainable=True).train()
-        m(input_ids=IDS, labels=IDS).loss.backward()
-        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
-    for n in grads[0]:
-        torch.testing.assert_close(grads[0][n], grads[1][n])
+        grads.append(trained_grads(d))
+    assert_same_grads(*grads)
 
 
 def test_rank_and_alpha_pattern_per_parameter_round_trip_with_peft(tmp_path):
@@ -192,15 +201,7 @@ def test_lorakit_file_of_a_different_model_is_refused(tmp_path):
 @pytest.mark.parametrize("arch", ["qwen3_moe", "llama4_text"])  # grouped path / effective-weight path
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, arch):
     _, d = peft_adapter(tmp_path, arch)
-    grads = []
-    for checkpointing in (False, True):
-        m = lorakit.load_adapter(base(arch), d, is_trainable=True).train()
-        if checkpointing:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        m(input_ids=IDS, labels=IDS).loss.backward()
-        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
-    for n in grads[0]:
-        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6)
+    assert_same_grads(trained_grads(d, arch), trained_grads(d, arch, checkpointing=True), rtol=1e-4, atol=1e-6)
 
 
 def test_router_aux_loss_weight_follows_the_model_config():
