@@ -87,7 +87,7 @@ def _peft_trainable(pm) -> int:
 
 def _router_lora(pm) -> int:
     # LoRA params PEFT puts on MoE routers (lorakit never adapts a router unless named).
-    from lorakit.moe import is_router
+    from lorakit.model.targets import is_router
     n = 0
     for name, p in pm.named_parameters():
         if p.requires_grad and "lora_" in name:

@@ -11,6 +11,7 @@ import torch
 import lorakit
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.layers.param import LoraParam
+from lorakit.model.state import adapter_configs
 
 _PATH = Path(__file__).resolve().parents[2] / "bench" / "architectures.py"
 _spec = importlib.util.spec_from_file_location("lorakit_bench_architectures_moe", _PATH)
@@ -172,7 +173,7 @@ def test_parameter_targets_refuse_what_peft_refuses():
 
 def test_all_linear_adapts_experts_like_peft_but_never_the_router():
     model = lorakit.inject(base(), lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    cfg = lorakit.inject.__globals__["adapter_configs"](model)["default"]
+    cfg = adapter_configs(model)["default"]
     assert cfg.target_parameters == ["experts.down_proj", "experts.gate_up_proj"]
     experts = model.model.layers[0].mlp.experts
     assert experts.base_layer.r["default"] == 8 and experts.r["default"] == 4  # gate_up_proj fuses two: 2r
@@ -205,7 +206,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, arch):
 
 
 def test_router_aux_loss_weight_follows_the_model_config():
-    from lorakit import moe
+    from lorakit.train import router_aux as moe
     model = base()
     assert moe.set_router_aux_loss(model, None) == 0.0  # the tiny config does not ask for router logits
     model.config.output_router_logits, model.config.router_aux_loss_coef = True, 0.02

@@ -20,8 +20,6 @@ parameter is the innermost wrapper (`experts.base_layer`), which is also how PEF
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -67,6 +65,7 @@ def _foreign_saved_tensor_hooks() -> bool:
 class LoraParam(LoraLayer):
     """LoRA on one parameter (2-D or 3-D, experts first) of `base_layer`; wraps the module, not the tensor."""
 
+    kind = "param"
     recompute_weight = True  # class default; set False on an instance to keep W_eff for backward instead
 
     def __init__(self, base_layer: nn.Module, parameter_name: str):
@@ -91,33 +90,15 @@ class LoraParam(LoraLayer):
         self.lora_B = nn.ModuleDict()
 
     # ---------------------------------------------------------------- creation
-    def _create(self, name: str, r: int) -> None:
+    def create_factors(self, name: str, r: int) -> None:
         if self.dropout_p[name] > 0:
             raise ConfigError(f"target_parameters ({self.parameter_name}): lora_dropout must be 0; the input of a "
                               f"parameter's product cannot be separated from the module's forward (as in PEFT)")
         self.lora_A[name] = nn.Linear(self.in_features, r * self.num_experts, bias=False)
         self.lora_B[name] = nn.Linear(r * self.num_experts, self.out_features, bias=False)
 
-    def _create_magnitude(self, name: str) -> None:
-        raise ConfigError(f"use_dora: DoRA is not supported on parameter targets ({self.parameter_name})")
-
     def factors(self, name):
         return self.lora_A[name].weight, self.lora_B[name].weight
-
-    @torch.no_grad()
-    def _init(self, name: str, init: str) -> None:
-        A, B = self.factors(name)
-        if init in ("kaiming", "none"):
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            if init == "kaiming":
-                nn.init.zeros_(B)
-            else:
-                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-        elif init == "gaussian":
-            nn.init.normal_(A, std=1 / self.r[name])
-            nn.init.zeros_(B)
-        else:
-            raise ConfigError(f"init_lora_weights={init!r} is not supported on parameter targets ({self.parameter_name})")
 
     # ---------------------------------------------------------------- weights
     @property
@@ -160,13 +141,13 @@ class LoraParam(LoraLayer):
 
     # ---------------------------------------------------------------- forward
     def forward(self, *args, **kwargs):
-        live = self._live
+        live = self.live
         if not live:
             return self.base_layer(*args, **kwargs)
         owner, pname = self.owner, self.parameter_name
         if self._grouped_ok(owner):
             return self._grouped_forward(owner, *args, **kwargs)
-        if self._row_adapters is not None:
+        if self.row_adapters is not None:
             raise ConfigError(f"adapter_names (mixed-adapter batches) is not supported on {type(owner).__name__} "
                               f"({self.parameter_name}): lorakit runs per-row adapters only through the grouped "
                               f"experts path (transformers' experts modules); run one adapter per call instead")
@@ -216,13 +197,13 @@ class LoraParam(LoraLayer):
         loras = {}
         for layer in self._chain():
             entries = []
-            for name in layer._live:
+            for name in layer.live:
                 A, B = layer.factors(name)
                 E = layer.num_experts
                 entries.append((A.view(E, -1, A.shape[-1]), B.view(B.shape[0], -1, E).permute(2, 0, 1).contiguous(),
                                 layer.scaling[name], name))
             loras[layer.parameter_name] = entries
-        return lora_experts_forward(owner, loras, hidden_states, top_k_index, top_k_weights, self._row_adapters)
+        return lora_experts_forward(owner, loras, hidden_states, top_k_index, top_k_weights, self.row_adapters)
 
     def extra_repr(self) -> str:
         return f"parameter_name={self.parameter_name!r}, experts={self.num_experts}, " + super().extra_repr()

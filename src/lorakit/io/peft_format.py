@@ -1,17 +1,17 @@
 """Adapters on disk, in PEFT's format: adapter_config.json + adapter_model.safetensors.
 
 Keys are PEFT's (`base_model.model.<module>.lora_A.weight`, `...lora_embedding_A`, `...lora_magnitude_vector`,
-`base_model.model.<modules_to_save module>.<param>`), so an adapter written here loads in PEFT, vLLM and
-llama.cpp's converter, and one written by PEFT loads here. Writes are atomic (temporary folder, fsync,
+`base_model.model.<modules_to_save module>.<param>`; parameter targets as PEFT's ParamWrapper names them,
+`...mlp.experts[.base_layer].lora_A.weight`), so an adapter written here loads in PEFT, vLLM and
+llama.cpp's converter, and one written by PEFT loads here. Writes are atomic (lorakit.io.atomic: temporary folder, fsync,
 rename): an interrupted save never leaves a half-written adapter. Loading validates everything before it
 touches the model, so a bad file leaves the model unchanged.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,68 +19,24 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorakit.config import LoraConfig
-from lorakit.errors import AdapterFileError, ConfigError, LorakitError
-from lorakit.inject import (_base_of, _matches, _output_head_names, _plain_modules, adapter_configs,
-                            check_adapter_name, drop_inside_saved, find_targets, inject, is_linear)
-from lorakit.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, LoraMergedLinear, ModulesToSave
-from lorakit.layers.linear import linear_shape
+from lorakit.config import LoraConfig, alpha_for_scale
+from lorakit.errors import AdapterFileError, ConfigError
+from lorakit.io.atomic import atomic_write_dir
+from lorakit.layers import LoraLayer, LoraLinear, LoraMergedLinear, LoraParam, ModulesToSave
+from lorakit.layers.param import owner_of
+from lorakit.layers.registry import KINDS, kind_of_base, kind_of_layer
+from lorakit.model.inject import inject, wrapper_paths
+from lorakit.model.state import active_adapters, adapter_configs, check_adapter_name, lora_layers, set_adapter
+from lorakit.model.targets import (base_of, drop_inside_saved, expand_all_linear, find_parameter_targets,
+                                   find_targets, matching_modules, output_head, plain_modules, skipped_linears,
+                                   split_linear_weights)
+from lorakit.ops.nf4 import numel_4bit_aware
+from lorakit.variants.init import BASE_INITS
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-_FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B",
-                    ".lora_magnitude_vector")
-
-
-# ---------------------------------------------------------------------------- atomic writing
-def atomic_write_dir(directory: str | os.PathLike, write) -> Path:
-    """Calls write(tmp_dir), fsyncs its files, then renames tmp_dir to `directory`; returns the final path.
-
-    An existing `directory` is replaced only after the new one is complete, so a crash at any point leaves
-    either the old or the new folder, never a mix.
-    """
-    final = Path(directory)
-    check_output_dir(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        write(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        dir_fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
-def check_output_dir(directory: str | os.PathLike) -> Path:
-    """Returns `directory` if a folder can be written there; raises LorakitError when a file is in the way."""
-    final = Path(directory)
-    if final.exists() and not final.is_dir():
-        raise LorakitError(f"{final} exists and is a file; refusing to replace it with a folder. "
-                           f"Choose another output path or move the file away.")
-    for parent in final.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise LorakitError(f"cannot create {final}: {parent} is a file, not a folder. Choose another output path.")
-            break
-    return final
 
 
 def write_adapter(directory: str | os.PathLike, config: LoraConfig | dict, tensors: dict[str, torch.Tensor],
@@ -170,11 +126,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     for name, module in model.named_modules():
         key = PREFIX + name
         if isinstance(module, LoraLayer) and adapter_name in module.r:
-            A, B = module.factors(adapter_name)
-            if isinstance(module, LoraEmbedding):
-                out[key + ".lora_embedding_A"], out[key + ".lora_embedding_B"] = A, B
-            else:
-                out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = A, B
+            key_a, key_b = kind_of_layer(module).keys
+            out[key + key_a], out[key + key_b] = module.factors(adapter_name)
             if module.use_dora[adapter_name]:
                 out[key + ".lora_magnitude_vector"] = module.lora_magnitude_vector[adapter_name]
             if config.bias != "none" and getattr(module.base_layer, "bias", None) is not None:
@@ -190,26 +143,58 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
 
 def _plain_named_parameters(model):
-    for mname, module in _plain_modules(model):
+    for mname, module in plain_modules(model):
         if isinstance(module, (LoraLayer, ModulesToSave)):
             continue
         for pname, p in module.named_parameters(recurse=False):
             yield (f"{mname}.{pname}" if mname else pname), p
 
 
+# Leaf names that PEFT's transformers-v5 conversion re-targets to expert parameters on MoE models whose checkpoint
+# conversion is "mixtral" or "qwen2_moe" (transformers.conversion_mapping): such a module in target_modules would
+# not be adapted by PEFT, so lorakit writes it as a `<module>.weight` target parameter (same layer, same keys).
+_PEFT_CONVERTED_LEAVES = {"gate", "router", "w1", "w2", "w3", "gate_proj", "up_proj", "down_proj"}
+
+
+def _peft_converts(model: nn.Module) -> bool:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN as patterns
+    except ImportError:
+        return False
+    return model_type is not None and patterns.get(model_type, model_type) in ("mixtral", "qwen2_moe")
+
+
+def peft_targets(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfig:
+    """Returns the config to write for PEFT: all-linear spelled out where PEFT would resolve it differently
+    (MoE models, skipped nn.Linear subclasses), and modules PEFT's v5 conversion would re-target written as
+    `.weight` target parameters."""
+    layers = [(n, l) for n, l in lora_layers(model) if adapter_name in l.r]
+    has_params = any(isinstance(l, LoraParam) for _, l in layers)
+    converted = _peft_converts(model)
+    if not (has_params or converted or (config.target_modules == "all-linear" and skipped_linears(model))):
+        return config
+    config = copy.deepcopy(config)
+    modules = sorted(n for n, l in layers if not isinstance(l, LoraParam))
+    as_params = [n for n in modules if converted and n.rsplit(".", 1)[-1] in _PEFT_CONVERTED_LEAVES
+                 and isinstance(model.get_submodule(n), LoraLinear)]
+    if config.target_modules == "all-linear" or as_params:
+        config.target_modules = [n for n in modules if n not in as_params] or None
+    if as_params:
+        config.target_parameters = sorted(set(config.target_parameters or []) | {n + ".weight" for n in as_params})
+    return config
+
+
 def _export_config(model: nn.Module, adapter_name: str) -> LoraConfig:
     # Fused-slice layers are saved as the equivalent plain LoRA of rank r·n with the same scale.
-    import copy
-    from lorakit.inject import lora_layers
-    from lorakit.moe import peft_export
-    config = copy.deepcopy(peft_export(model, adapter_configs(model)[adapter_name], adapter_name, lora_layers))
+    config = copy.deepcopy(peft_targets(model, adapter_configs(model)[adapter_name], adapter_name))
     for name, module in model.named_modules():
         if isinstance(module, LoraMergedLinear) and adapter_name in module.r:
             n = sum(module.enable_lora)
             r = module.r[adapter_name]
             key = "^" + name.replace(".", r"\.") + "$"
             config.rank_pattern[key] = r * n
-            config.alpha_pattern[key] = module.scaling[adapter_name] * (r * n) ** (0.5 if config.use_rslora else 1)
+            config.alpha_pattern[key] = alpha_for_scale(module.scaling[adapter_name], r * n, config.use_rslora)
     return config
 
 
@@ -222,7 +207,7 @@ def base_identity(model: nn.Module) -> dict:
         for field in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "n_embd", "n_layer"):
             if getattr(cfg, field, None) is not None:
                 ident[field] = getattr(cfg, field)
-    base = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for n, p in model.named_parameters()
+    base = sum(numel_4bit_aware(p) for n, p in model.named_parameters()
                if "lora_" not in n and ".modules_to_save." not in n)
     ident["base_parameters"] = int(base)
     return ident
@@ -245,20 +230,19 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
 
 # ---------------------------------------------------------------------------- tensors -> model
 def _expected_shapes(module: nn.Module, r: int, use_dora: bool) -> dict[str, tuple]:
-    base = _base_of(module)
-    if is_linear(base):
-        k, d, _ = linear_shape(base)
-        shapes = {".lora_A.weight": (r, k), ".lora_B.weight": (d, r)}
-        if use_dora:
-            shapes[".lora_magnitude_vector"] = (d,)
-        return shapes
-    if isinstance(base, nn.Embedding):
-        V, d = base.weight.shape
-        return {".lora_embedding_A": (r, V), ".lora_embedding_B": (d, r)}
-    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        kernel = tuple(base.weight.shape[2:])
-        return {".lora_A.weight": (r, base.in_channels, *kernel), ".lora_B.weight": (base.out_channels, r) + (1,) * len(kernel)}
-    return {}
+    kind = kind_of_base(base_of(module))
+    return kind.shapes(base_of(module), r, use_dora) if kind is not None else {}
+
+
+def _param_shapes(model: nn.Module, config: LoraConfig, params: list[tuple[str, str]]):
+    # [(wrapper name, {key suffix: shape}, r)] of the parameter targets, in PEFT's ParamWrapper layout.
+    kind = next(k for k in KINDS if k.name == "param")
+    out = []
+    for (mname, pname), path in wrapper_paths(model, params).items():
+        r = config.rank_for(f"{mname}.{pname}")
+        probe = LoraParam(owner_of(model.get_submodule(mname)), pname)  # shapes only; not put in the model
+        out.append((path, kind.shapes(probe, r), r))
+    return out
 
 
 def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], where: str):
@@ -267,19 +251,15 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
     if bad_prefix:
         raise AdapterFileError(f"{where}: keys must start with {PREFIX!r}; first offending keys: {bad_prefix[:3]}")
     keys = {k[len(PREFIX):]: k for k in tensors}
-    from lorakit import moe
     try:
-        config = moe.expand_all_linear(model, config, _plain_modules)
-        linear_params, param_targets = moe.split_linear_weights(
-            model, moe.find_parameter_targets(model, config, _plain_modules))
+        config = expand_all_linear(model, config)
+        linear_params, param_targets = split_linear_weights(model, find_parameter_targets(model, config))
         targets = find_targets(model, config)
         targets += [n for n in linear_params if n not in targets]
-        saved = [n for n, m in _plain_modules(model) if n and _matches(config.modules_to_save, n, m, _output_head_names(model))]
-        targets = drop_inside_saved(targets, saved)
+        targets = drop_inside_saved(targets, matching_modules(model, config.modules_to_save))
         expected = [(name, _expected_shapes(model.get_submodule(name), config.rank_for(name), config.use_dora),
                      config.rank_for(name)) for name in targets]
-        expected += [(path, shapes, r) for path, (shapes, r) in
-                     moe.expected_param_shapes(model, config, param_targets).items()]
+        expected += _param_shapes(model, config, param_targets)
     except ConfigError as e:
         raise AdapterFileError(f"{where}: this adapter does not fit the model: {e}") from None
     plan: dict[str, tuple[str, str]] = {}
@@ -298,13 +278,12 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
                     problems.append(f"{PREFIX + key}: shape {got} but the model needs {shape} "
                                     f"(was the adapter trained for a different base model?)")
             plan[keys[key]] = (name, suffix)
-    heads = _output_head_names(model)
-    to_save = [n for n, m in _plain_modules(model) if n and _matches(config.modules_to_save, n, m, heads)]
+    to_save = matching_modules(model, config.modules_to_save)
     params = dict(_plain_named_parameters(model))
-    embed_modules = {id(m) for m in (_call(model, "get_input_embeddings"), _call(model, "get_output_embeddings")) if m is not None}
-    embed_params = {f"{n}.weight": m.weight for n, m in _plain_modules(model)
-                    if id(_base_of(m)) in embed_modules or id(m) in embed_modules
-                    for m in [_base_of(m)] if getattr(m, "weight", None) is not None}
+    embed_modules = {id(m) for m in (_call(model, "get_input_embeddings"), output_head(model)) if m is not None}
+    embed_params = {f"{n}.weight": m.weight for n, m in plain_modules(model)
+                    if id(base_of(m)) in embed_modules or id(m) in embed_modules
+                    for m in [base_of(m)] if getattr(m, "weight", None) is not None}
     for key in keys:
         full = keys[key]
         if full in plan:
@@ -383,10 +362,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     where = str(directory)
     _check_identity(model, metadata, where)
     plan = _plan_load(model, config, tensors, where)
-    previous = tuple(getattr(model, "lorakit_active", ()))
+    previous = active_adapters(model)
     init = config.init_lora_weights
     # Factors are overwritten below; pissa/olora must still run to give the same residual base as training had.
-    config.init_lora_weights = init if init in ("pissa", "olora") else "kaiming"
+    config.init_lora_weights = init if init in BASE_INITS else "kaiming"
     inject(model, config, adapter_name)
     config.init_lora_weights = init
     params = dict(model.named_parameters())
@@ -406,7 +385,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
                 A, B = module.factors(adapter_name)
                 dst = A if kind in (".lora_A.weight", ".lora_embedding_A") else B
             dst.copy_(t.to(dtype=dst.dtype, device=dst.device))
-    from lorakit.adapters import set_adapter
     if activate or (activate is None and not previous):
         set_adapter(model, adapter_name)
     else:
