@@ -43,7 +43,7 @@ def _project(x, owner, name: str, bias, offsets, loras, pair_masks) -> torch.Ten
         low = _low_rank(x.to(A3.dtype), A3, offsets)
         if pair_masks is not None:  # mixed-adapter batch: this adapter's update only on its rows' tokens
             low = low * pair_masks[adapter].to(low.dtype).unsqueeze(-1)
-        out = out + (scale * _low_rank(low, B3, offsets)).to(out.dtype)
+        out = torch.add(out, _low_rank(low, B3, offsets).to(out.dtype), alpha=scale)  # one pass, no scaled copy
     return out
 
 
