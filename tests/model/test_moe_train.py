@@ -53,3 +53,21 @@ def test_train_tiny_moe_end_to_end_adapts_the_experts(files, tmp_path):
     lk = lorakit.load_adapter(AutoModelForCausalLM.from_pretrained(files["model"]), str(out / "adapter"))
     with torch.no_grad():
         assert (pm(input_ids=ids).logits - lk(input_ids=ids).logits).abs().max() <= 1e-5
+
+
+def test_router_aux_loss_enters_the_training_loss(files):
+    from transformers import AutoModelForCausalLM
+    from lorakit.train.router_aux import set_router_aux_loss
+    from lorakit.train.step import loss_sum
+    model = AutoModelForCausalLM.from_pretrained(files["model"]).train()
+    ids = torch.randint(3, 200, (2, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    torch.manual_seed(0)
+    set_router_aux_loss(model, 0.0)
+    plain, n = loss_sum(model, batch)
+    assert set_router_aux_loss(model, None) == 0.01  # the folder's config: output_router_logits, coef 0.01
+    with_aux, _ = loss_sum(model, batch)
+    aux = model(input_ids=ids, output_router_logits=True).aux_loss
+    assert float(with_aux) == pytest.approx(float(plain) + 0.01 * float(aux) * n, rel=1e-5)
+    model.eval()
+    assert float(loss_sum(model, batch)[0]) == pytest.approx(float(plain), rel=1e-5)  # evaluation: no router term

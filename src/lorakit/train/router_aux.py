@@ -29,14 +29,19 @@ def set_router_aux_loss(model: nn.Module, option: float | None) -> float:
     return coef
 
 
+def _weight(model: nn.Module) -> float:
+    # a DDP / FSDP wrapper keeps the model in .module
+    return getattr(model, AUX_ATTR, None) or getattr(getattr(model, "module", None), AUX_ATTR, 0.0)
+
+
 def router_aux_kwargs(model: nn.Module) -> dict:
     """Returns the forward keyword that makes the model report its router loss (training with a weight only)."""
-    return {"output_router_logits": True} if model.training and getattr(model, AUX_ATTR, 0.0) else {}
+    return {"output_router_logits": True} if model.training and _weight(model) else {}
 
 
 def add_router_aux(loss_sum, output, n: int, model: nn.Module):
     """Returns loss_sum + weight · aux_loss · n (loss_sum is a sum over n target tokens) when it applies."""
-    coef = getattr(model, AUX_ATTR, 0.0)
+    coef = _weight(model)
     aux = getattr(output, "aux_loss", None)
     if not (model.training and coef) or aux is None:
         return loss_sum
