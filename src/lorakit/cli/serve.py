@@ -64,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
     app, engine, base = build_app(o, log)
     names = ", ".join([base, *engine.pool.names()])
     log(f"models: {names}; listening on http://{o.host}:{o.port}/v1 ({'API key required' if o.api_key else 'no API key'})")
-    run_server(app, o.host, o.port, args.log_level)
-    log("stopped")
-    return 0
+    sig = run_server(app, o.host, o.port, args.log_level)
+    if sig is None:
+        log("stopped")
+        return 0
+    import signal
+    log(f"stopped by {signal.Signals(sig).name}: in-flight requests finished")
+    return 128 + int(sig)

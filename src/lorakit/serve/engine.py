@@ -97,6 +97,7 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.steps = 0
         self.served = 0
+        self.peak_batch = 0  # the most rows decoded in one step so far
 
     # ------------------------------------------------------------------ public, any thread
     def start(self) -> "Engine":
@@ -137,7 +138,7 @@ class Engine:
 
     def stats(self) -> dict:
         return {"running": len(self.rows), "waiting": len(self.pending), "steps": self.steps,
-                "served": self.served, "loaded_adapters": list(self.pool.loaded)}
+                "served": self.served, "peak_batch": self.peak_batch, "loaded_adapters": list(self.pool.loaded)}
 
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
@@ -222,6 +223,7 @@ class Engine:
             self._drop(gone)
             if not self.rows:
                 return
+        self.peak_batch = max(self.peak_batch, len(self.rows))
         mask = self.batch.grow()
         ids = torch.tensor([[r.last] for r in self.rows], dtype=torch.long, device=self.device)
         pos = torch.tensor([[r.position] for r in self.rows], dtype=torch.long, device=self.device)

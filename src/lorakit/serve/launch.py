@@ -1,6 +1,7 @@
 """Building a server from options: the model, its adapters, the engine, the app; and running it with uvicorn."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,10 +93,35 @@ def build_app(o: ServeOptions, log_fn=print):
     return app, engine, base
 
 
-def run_server(app, host: str, port: int, log_level: str = "info") -> None:
-    """Runs uvicorn until SIGINT/SIGTERM: it stops accepting, finishes in-flight requests, then the engine drains."""
+def run_server(app, host: str, port: int, log_level: str = "info") -> int | None:
+    """Runs uvicorn until SIGINT/SIGTERM: it stops accepting, finishes in-flight requests, then the engine drains.
+
+    Returns the number of the signal that stopped it (None if it stopped otherwise), instead of re-raising it as
+    uvicorn does, so the command can report a clean stop and exit with 128 + signal like `lorakit train`.
+    """
+    import signal
+    import threading
+
     import uvicorn
+
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None,
                             access_log=False)
-    uvicorn.Server(config).run()
+    server = _Server(config)
+    server.run()
+    if not server.started and not server._captured_signals:  # noqa: SLF001 - uvicorn's own record of signals
+        raise ConfigError(f"the server could not start on {host}:{port} (is the port in use?)")
+    return server._captured_signals[0] if server._captured_signals else None  # noqa: SLF001
