@@ -66,19 +66,24 @@ def test_a_checkpoint_or_run_folder_is_accepted(adapter_root, tmp_path):
 
 
 def test_unload_while_in_use_finishes_the_running_request(adapter_root):
-    import threading
     live = serve_helpers.start({"a": adapter_root / "a"}, adapter_root=adapter_root)
     try:
-        out = {}
-
-        def long():
-            out["r"] = live.client().completions.create(model="a", prompt=PROMPT, max_tokens=60, temperature=0)
-        t = threading.Thread(target=long)
-        t.start()
-        r = httpx.post(live.url + "/unload_lora_adapter", json={"lora_name": "a"}, timeout=30)
-        assert r.status_code == 200
-        t.join(60)
-        assert out["r"].choices[0].text is not None  # either it ran before the unload or finished with its adapter
-        assert loaded(live) == []
+        want = live.client().completions.create(model="a", prompt=PROMPT, max_tokens=60, temperature=0)
+        body = {"model": "a", "prompt": PROMPT, "max_tokens": 60, "temperature": 0, "stream": True}
+        lines = []
+        with httpx.stream("POST", live.url + "/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                lines.append(line)
+                if len(lines) == 1:  # in flight: unload now
+                    u = httpx.post(live.url + "/unload_lora_adapter", json={"lora_name": "a"}, timeout=30)
+                    assert u.status_code == 200
+        import json
+        text = "".join(json.loads(x[6:])["choices"][0]["text"] for x in lines[:-1])
+        assert lines[-1] == "data: [DONE]" and text == want.choices[0].text  # finished with its adapter
+        assert loaded(live) == []  # and the adapter left the model afterwards
+        with pytest.raises(openai.NotFoundError):
+            ask(live, "a")
     finally:
         live.close()

@@ -43,8 +43,9 @@ def test_sigterm_finishes_in_flight_request_then_exits(adapter_root, tmp_path):
         lines = []
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
             for line in r.iter_lines():
-                if line:
-                    lines.append(line)
+                if not line:
+                    continue
+                lines.append(line)
                 if len(lines) == 2:
                     proc.send_signal(signal.SIGTERM)
         assert lines[-1] == "data: [DONE]"

@@ -15,7 +15,7 @@ def requests_mix(n=64):
     for i in range(n):
         words = " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(1 + i % 9))
         body = {"model": ("tiny", "a", "b", "c")[i % 4], "prompt": f"Say the first word. {words}",
-                "max_tokens": 4 + (i * 5) % 29, "temperature": 0}
+                "max_tokens": 3 + (i * 5) % 17, "temperature": 0}
         if i % 8 == 5:  # a few seeded samplers: their own generator, so the batch does not matter either
             body.update(temperature=0.8, top_p=0.9, seed=i)
         out.append(body)

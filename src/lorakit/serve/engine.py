@@ -211,7 +211,7 @@ class Engine:
         cache = DynamicCache(config=self.model.config)
         out = self._forward([req.adapter or BASE], cache, input_ids=ids)
         row = _Row(req, Sampler(req.params), TextStream(self.tokenizer, req.params.stop), position=ids.shape[1])
-        if self._advance(row, out.logits[0, -1]):
+        if self._advance(row, row.sampler(out.logits[0, -1])):
             self.pool.release(req.adapter)
             return
         self.batch.join(cache, torch.ones(1, ids.shape[1], dtype=torch.long, device=self.device))
@@ -231,9 +231,11 @@ class Engine:
                             attention_mask=mask, position_ids=pos)
         self.steps += 1
         logits = out.logits[:, -1]
+        greedy = logits.argmax(-1).tolist()  # one call for every greedy row
         for r in self.rows:
             r.position += 1
-        done = [i for i, r in enumerate(self.rows) if self._advance(r, logits[i])]
+        done = [i for i, r in enumerate(self.rows)
+                if self._advance(r, greedy[i] if r.sampler.greedy else r.sampler(logits[i]))]
         if done:
             self._drop(done)
 
@@ -245,10 +247,9 @@ class Engine:
         self.batch.keep(keep)
         self.rows = [self.rows[i] for i in keep]
 
-    def _advance(self, row: _Row, logits: torch.Tensor) -> bool:
-        """Samples the row's next token and sends its text; returns True when the request is finished."""
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Takes the row's next token and sends its text; returns True when the request is finished."""
         req = row.req
-        token = row.sampler(logits)
         req.completion_tokens += 1
         row.last = token
         reason, stopped = None, False

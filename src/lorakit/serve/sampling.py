@@ -35,6 +35,10 @@ class Sampler:
             seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2 ** 63)
             self.generator = torch.Generator().manual_seed(int(seed) % 2 ** 64)
 
+    @property
+    def greedy(self) -> bool:
+        return self.generator is None
+
     def __call__(self, logits: torch.Tensor) -> int:
         """Returns the next token id for one row's logits (vocab,)."""
         if self.generator is None:
