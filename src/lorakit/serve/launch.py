@@ -80,6 +80,8 @@ def build_app(o: ServeOptions, log_fn=print):
     base = o.served_model_name or base_model_name(o.model)
     if len(set(names)) != len(names) or base in names:
         raise ConfigError(f"adapter names must be unique and differ from the base model's name {base!r}: {names}")
+    # every adapter folder is checked before the (slow) model load
+    adapters = [(n, str(require_safetensors(resolve_adapter_dir(f)))) for n, f in adapters]
     log_fn(f"loading model {o.model or 'smollm2 (embedded default)'}")
     model, tokenizer = load_model(o.model, trust_remote_code=o.trust_remote_code)
     if o.quantize == "nf4":
