@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
                      max_body_bytes=args.max_body_bytes, served_model_name=args.served_model_name,
                      trust_remote_code=args.trust_remote_code)
     log = lambda msg: print(f"lorakit serve: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    if o.host not in ("127.0.0.1", "localhost", "::1") and not o.api_key:
+        log(f"warning: listening on {o.host} without --api-key: anyone who can reach this port can use the model")
     app, engine, base = build_app(o, log)
     names = ", ".join([base, *engine.pool.names()])
     log(f"models: {names}; listening on http://{o.host}:{o.port}/v1 ({'API key required' if o.api_key else 'no API key'})")

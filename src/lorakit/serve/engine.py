@@ -31,7 +31,7 @@ import torch
 
 from lorakit.errors import LorakitError
 from lorakit.serve.adapters import AdapterBusy, AdapterPool
-from lorakit.serve.kv import BatchCache
+from lorakit.serve.kv import BatchCache, check_cache
 from lorakit.serve.sampling import Sampler, SamplingParams, TextStream
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ class Engine:
         self.context_length = context_length or getattr(model.config, "max_position_embeddings", None)
         self.eos = _eos_ids(model, tokenizer)
         # transformers >= 5.2x names the KV cache argument `cache`; older versions `past_key_values`
+        from transformers import DynamicCache
+        check_cache(DynamicCache(config=model.config), filled=False)  # refuse unsupported models at start
         self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.device = next(model.parameters()).device
         self.pending: deque[Request] = deque()

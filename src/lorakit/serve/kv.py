@@ -15,15 +15,18 @@ import torch
 from lorakit.errors import ConfigError
 
 
-def _layers(cache) -> list:
+def check_cache(cache, filled: bool = True) -> list:
+    """Returns the cache's layers if this module can pad and slice them; ConfigError otherwise."""
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise ConfigError(f"serving needs transformers' DynamicCache with per-layer tensors, got {type(cache).__name__}")
     for layer in layers:
         keys = getattr(layer, "keys", None)
-        if keys is None or keys.dim() != 4 or getattr(layer, "sliding_window", None):
-            raise ConfigError("serving supports models with a plain (non-sliding, non-quantized) KV cache only")
+        if getattr(layer, "sliding_window", None) or (filled and (keys is None or keys.dim() != 4)):
+            raise ConfigError("serving supports models with a plain KV cache only (no sliding-window attention "
+                              "layers, no quantized cache)")
     return layers
+
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -50,13 +53,13 @@ class BatchCache:
 
     def join(self, cache, mask: torch.Tensor) -> None:
         """Appends the rows of another cache (with its own mask) below the current rows."""
-        _layers(cache)
+        check_cache(cache)
         if self.cache is None:
             self.cache, self.mask = cache, mask
             return
         length = max(self.length, mask.shape[1])
         mine, theirs = length - self.length, length - mask.shape[1]
-        for a, b in zip(_layers(self.cache), _layers(cache)):
+        for a, b in zip(check_cache(self.cache), check_cache(cache)):
             a.keys = torch.cat([_pad_left(a.keys, mine), _pad_left(b.keys, theirs)], dim=0)
             a.values = torch.cat([_pad_left(a.values, mine), _pad_left(b.values, theirs)], dim=0)
         self.mask = torch.cat([_pad_left(self.mask[:, None, :, None], mine)[:, 0, :, 0],
@@ -71,7 +74,7 @@ class BatchCache:
         mask = self.mask.index_select(0, idx)
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() else 0
-        for layer in _layers(self.cache):
+        for layer in check_cache(self.cache):
             layer.keys = layer.keys.index_select(0, idx)[:, :, start:].contiguous()
             layer.values = layer.values.index_select(0, idx)[:, :, start:].contiguous()
         self.mask = mask[:, start:].contiguous()
