@@ -8,8 +8,9 @@
 
 Each server scenario runs at concurrency 1, 8 and 32 over HTTP (closed loop: every client thread sends its
 next request when the last one returns). tokens/s = completion tokens / wall time; latency = one request's
-round trip; tokens per CPU-second = completion tokens / this process's CPU time (server, engine and client
-threads): on a machine shared with other work, wall time measures the neighbours too, CPU time does not. The generate baseline serves the same requests one at a time; its latency at concurrency c is
+round trip; tokens per CPU-second = completion tokens / the server's CPU time (this process's CPU time minus
+that of the client threads; for generate, the CPU time of the generate calls): on a machine shared with other
+work, wall time measures the neighbours too, CPU time does not. The generate baseline serves the same requests one at a time; its latency at concurrency c is
 what c clients waiting on that one-at-a-time loop would see (queueing on the measured service times).
 Every run checks that each request got exactly one answer (none lost or duplicated), and that each greedy
 answer at concurrency 8 and 32 equals the same request's answer at concurrency 1.
@@ -89,15 +90,17 @@ def run_load(url: str, jobs: list[dict], concurrency: int) -> dict:
     """Sends `jobs` with `concurrency` client threads; returns throughput, latencies and answers by job index."""
     import httpx
     answers: dict[int, list] = {i: [] for i in range(len(jobs))}
-    latencies, errors = [], []
+    latencies, errors, client_cpu = [], [], []
     lock = threading.Lock()
     todo = list(range(len(jobs)))
 
     def client():
+        cpu0 = time.thread_time()
         with httpx.Client(timeout=600) as c:
             while True:
                 with lock:
                     if not todo:
+                        client_cpu.append(time.thread_time() - cpu0)
                         return
                     i = todo.pop(0)
                 t0 = time.perf_counter()
@@ -116,7 +119,8 @@ def run_load(url: str, jobs: list[dict], concurrency: int) -> dict:
         t.start()
     for t in threads:
         t.join()
-    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0 - sum(client_cpu)  # the server's share: uvicorn, handlers and the engine
     tokens = sum(a["usage"]["completion_tokens"] for v in answers.values() for a in v)
     ids = [a["id"] for v in answers.values() for a in v]
     return {"concurrency": concurrency, "requests": len(jobs), "tokens": tokens, "wall_s": round(wall, 3),
