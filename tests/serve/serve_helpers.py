@@ -6,6 +6,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -104,3 +105,20 @@ def reference_tokens(adapter_dir: Path | None, prompt_ids: list[int], n: int) ->
         out = m.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
                          pad_token_id=tok.pad_token_id)
     return out[0, len(prompt_ids):].tolist()
+
+
+# ---------------------------------------------------------------------------- fixtures
+# (imported by the test modules: a conftest.py here would shadow tests/conftest.py, which other tests import)
+@pytest.fixture(scope="session")
+def adapter_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    write_adapters(root, tokenizer())
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(adapter_root):
+    """Adapters a, b, c served; d under --adapter-root for run-time loading; no API key."""
+    live = start({n: adapter_root / n for n in ("a", "b", "c")}, adapter_root=adapter_root)
+    yield live
+    live.close()

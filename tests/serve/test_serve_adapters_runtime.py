@@ -6,6 +6,7 @@ import openai
 import pytest
 
 import serve_helpers
+from serve_helpers import adapter_root  # noqa: F401 (fixtures)
 
 PROMPT = "Say the second word. blue dog"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 import serve_helpers
+from serve_helpers import adapter_root, server  # noqa: F401 (fixtures)
 
 PROMPT = "Say the first word. red cat"
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 
 import serve_helpers
+from serve_helpers import adapter_root  # noqa: F401 (fixtures)
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 

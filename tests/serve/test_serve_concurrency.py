@@ -6,6 +6,7 @@ import threading
 import httpx
 
 import serve_helpers
+from serve_helpers import adapter_root  # noqa: F401 (fixtures)
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird", "rock", "star"]
 

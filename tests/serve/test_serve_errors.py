@@ -6,6 +6,7 @@ import openai
 import pytest
 
 import serve_helpers
+from serve_helpers import adapter_root, server  # noqa: F401 (fixtures)
 
 OK = {"model": "a", "prompt": "red cat", "max_tokens": 2}
 MSG = [{"role": "user", "content": "hi"}]

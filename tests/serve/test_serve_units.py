@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import serve_helpers
+from serve_helpers import adapter_root  # noqa: F401 (fixtures)
 
 
 def test_text_stream_holds_back_stop_prefixes_and_cuts_at_stop():
