@@ -10,10 +10,12 @@ from __future__ import annotations
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.model.state import adapter_configs, lora_layers, wrappers
+from lorakit.layers.base import LoraLayer
+from lorakit.model.state import adapter_configs, wrappers
 
 BASE = "__base__"  # the row marker for "no adapter" in mixed batches
 _HOOK_ATTR = "_lorakit_hooks"
+_ACTIVE_ATTR = "_lorakit_mixed_rows"  # the wrappers begun by this forward: the post-hook ends just those
 
 
 def _pre_hook(model, args, kwargs):
@@ -25,16 +27,21 @@ def _pre_hook(model, args, kwargs):
     for n in names:
         if n != BASE and n not in known:
             raise ConfigError(f"adapter_names: unknown adapter {n!r}; known: {', '.join(known)} (or {BASE!r})")
-    if any(layer.merged_adapters for _, layer in lora_layers(model)):
+    modules = list(wrappers(model))  # one walk of the module tree per mixed forward (decoding calls this a lot)
+    if any(isinstance(m, LoraLayer) and m.merged_adapters for m in modules):
         raise ConfigError("adapter_names: unmerge the model first; mixed batches need unmerged adapters")
-    for module in wrappers(model):
+    for module in modules:
         module.begin_mixed_batch(names)
+    object.__setattr__(model, _ACTIVE_ATTR, modules)
     return args, kwargs
 
 
 def _post_hook(model, args, kwargs, output):
-    for module in wrappers(model):
-        if module.row_adapters is not None:
+    # Plain forwards (training, eval) find nothing to end and pay no walk of the module tree.
+    modules = getattr(model, _ACTIVE_ATTR, None)
+    if modules:
+        object.__setattr__(model, _ACTIVE_ATTR, None)
+        for module in modules:
             module.end_mixed_batch()
     return output
 
