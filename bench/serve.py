@@ -55,7 +55,7 @@ def load(small: bool):
         import serve_helpers
         tok = serve_helpers.tokenizer()
         return serve_helpers.model(tok), tok, "tiny random Llama (hidden 32, 2 layers)"
-    from lorakit.models import load_model
+    from lorakit.loading.pretrained import load_model
     model, tok = load_model(None)
     return model, tok, "SmolLM2-135M-Instruct (embedded, fp32)"
 

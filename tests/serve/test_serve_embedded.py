@@ -12,7 +12,7 @@ import serve_helpers
 @pytest.mark.slow
 def test_embedded_model_with_an_adapter(tmp_path):
     import lorakit
-    from lorakit.models import load_model
+    from lorakit.loading.pretrained import load_model
     from lorakit.serve.app import create_app
     from lorakit.serve.launch import build_engine
 

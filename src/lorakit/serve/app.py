@@ -35,7 +35,7 @@ DEFAULT_MAX_BODY = 1 << 20
 
 
 def _check_adapter_name(name: str) -> None:
-    from lorakit.inject import check_adapter_name  # public; lorakit.model.inject after the redesign
+    from lorakit.model.state import check_adapter_name
     try:
         check_adapter_name(name)
     except LorakitError as e:

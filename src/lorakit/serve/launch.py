@@ -56,7 +56,7 @@ def base_model_name(spec: str | None) -> str:
 def build_engine(model, tokenizer, adapters: list[tuple[str, str]] = (), *, max_loaded: int | None = None,
                  max_batch: int = 32, max_queued: int = 256) -> Engine:
     """Returns an (unstarted) Engine for `model` with `adapters` registered and the first K of them loaded."""
-    from lorakit.inject import check_adapter_name  # public; lorakit.model.inject after the redesign
+    from lorakit.model.state import check_adapter_name
 
     pool = AdapterPool(model, max_loaded)
     for name, folder in adapters:
@@ -69,7 +69,7 @@ def build_engine(model, tokenizer, adapters: list[tuple[str, str]] = (), *, max_
 
 def build_app(o: ServeOptions, log_fn=print):
     """Loads the model and adapters of `o`; returns (app, engine, base model name)."""
-    from lorakit.models import load_model
+    from lorakit.loading.pretrained import load_model
 
     if o.quantize not in (None, "none", "nf4"):
         raise ConfigError(f"--quantize {o.quantize!r}: choose none or nf4")
