@@ -13,6 +13,7 @@ memory is the largest RssAnon (/proc/PID/status) a watcher thread in the parent 
                     + lorakit.enable_gradient_checkpointing + AdamW, loss = lorakit's training loss (chunked head)
     peft-qlora      transformers from_pretrained(BitsAndBytesConfig(nf4, double quant, bf16 compute)) + PEFT
                     LoraConfig(r=16, all-linear) + gradient checkpointing + AdamW, the model's own loss
+    lorakit-qlora-fp32  as lorakit-qlora with dtype float32: embeddings/head/norms fp32, lorakit's fused 4-bit path
     lorakit-bf16    as lorakit-qlora without quantization (bf16 weights and LoRA), on the 3B shape
 
 Results: bench/results/big_model.json and a markdown table (bench/results/big_model.md).
@@ -40,8 +41,8 @@ SHAPES = {  # Llama-3.1 8B / Llama-3.2 3B / 1B shapes with SmolLM2's 49152-token
                  num_key_value_heads=2, tie_word_embeddings=False),
 }
 VOCAB = 49152
-RUNS = {"8b": ["lorakit-qlora", "peft-qlora"], "3b": ["lorakit-qlora", "peft-qlora", "lorakit-bf16"],
-        "1b": ["lorakit-qlora", "peft-qlora", "lorakit-bf16"], "tiny": ["lorakit-qlora", "peft-qlora", "lorakit-bf16"]}
+ALL_RUNS = ["lorakit-qlora", "lorakit-qlora-fp32", "peft-qlora", "lorakit-bf16"]
+RUNS = {"8b": ["lorakit-qlora", "peft-qlora"], "3b": ALL_RUNS, "1b": ALL_RUNS, "tiny": ALL_RUNS}
 
 
 def cache_folder() -> Path:
@@ -79,8 +80,8 @@ def worker(mode: str, folder: str, steps: int, batch: int, seq: int, r: int, gc:
         from lorakit.loading import load_pretrained_streaming
         from lorakit.train.loop import loss_sum
         base = rss_anon()
-        model, _ = load_pretrained_streaming(folder, quantize="nf4" if mode == "lorakit-qlora" else None,
-                                             dtype=dtype)
+        model, _ = load_pretrained_streaming(folder, quantize="nf4" if "qlora" in mode else None,
+                                             dtype="float32" if mode.endswith("fp32") else dtype)
         loaded = time.perf_counter()
         after_load = rss_anon()
         lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
@@ -147,9 +148,9 @@ def measure(mode: str, folder: Path, args) -> dict:
 
 def plan_for(mode: str, folder: Path, args) -> dict:
     from lorakit.loading.plan import plan_memory
-    p = plan_memory(folder, quantize="nf4" if mode.endswith("qlora") else None, r=args.r, batch_size=args.batch,
+    p = plan_memory(folder, quantize="nf4" if "qlora" in mode else None, r=args.r, batch_size=args.batch,
                     max_seq_len=args.seq, gradient_checkpointing=not args.no_gc, memory=2 ** 50,
-                    dtype=args.dtype)
+                    dtype="float32" if mode.endswith("fp32") else args.dtype)
     return {"plan_peak_bytes": p.peak, "plan_loading_bytes": p.loading_peak, "plan_training_bytes": p.training_peak,
             "plan_text": str(p)}
 
@@ -167,7 +168,7 @@ def markdown(results: dict) -> str:
         rows.append(f"| {r['shape']} | {r['mode']} | {plan} | {r['peak_bytes'] / g:.2f} | {ratio} | "
                     f"{r['load_s']} | {r['s_per_step']} |")
     for shape, c in results.get("comparisons", {}).items():
-        rows.append(f"\n{shape}: lorakit/PEFT peak {c['peak_ratio']:.3f}, s/step {c['step_ratio']:.3f}")
+        rows.append(f"\n{shape} vs peft-qlora: peak {c['peak_ratio']:.3f}, s/step {c['step_ratio']:.3f}")
     return "\n".join(rows) + "\n"
 
 
@@ -214,10 +215,12 @@ def main(argv=None) -> int:
             print(f"  peak {res['peak_bytes'] / 2 ** 30:.2f} GiB" + (f", {res['s_per_step']} s/step"
                                                                      if "s_per_step" in res else " FAILED"), flush=True)
         by = {r["mode"]: r for r in results["runs"] if r["shape"] == shape and "error" not in r}
-        if "lorakit-qlora" in by and "peft-qlora" in by:
-            a, b = by["lorakit-qlora"], by["peft-qlora"]
-            results["comparisons"][shape] = {"peak_ratio": round(a["peak_bytes"] / b["peak_bytes"], 3),
-                                             "step_ratio": round(a["s_per_step"] / b["s_per_step"], 3)}
+        for mine in ("lorakit-qlora", "lorakit-qlora-fp32"):
+            if mine in by and "peft-qlora" in by:
+                a, b = by[mine], by["peft-qlora"]
+                results["comparisons"][f"{shape} {mine}"] = {
+                    "peak_ratio": round(a["peak_bytes"] / b["peak_bytes"], 3),
+                    "step_ratio": round(a["s_per_step"] / b["s_per_step"], 3)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
