@@ -259,6 +259,10 @@ def plan_memory(config_or_path, *, quantize: str | None = None, dtype: str | Non
             f"activations (checkpointing {'on' if gc else 'off'})": _activation_bytes(s, batch, seq, e, gc, r),
             "loss head": _head_bytes(s, batch, seq, e),
             "dequantization workspace": largest * e if quantize else 0,
+            # A 4-bit base computing in bf16/fp16 with fp32 LoRA factors misses the fused path: each LoRA layer
+            # keeps an fp32 copy of its input for every layer (measured: 88M and 3B Llama shapes, +-5%).
+            "fp32 copies of LoRA inputs": (s.layers * batch * seq * 4 * sum(lin[t][0] for t in targets)
+                                                            if quantize and e != 4 else 0),
             "runtime (interpreter, torch, ...)": runtime,
         }
         run_time = sum(v for k, v in parts.items() if k not in ("frozen weights", "runtime (interpreter, torch, ...)"))
