@@ -64,7 +64,7 @@ def test_batch_cache_join_and_keep():
 
 
 def test_resolve_adapter_dir_layouts(tmp_path):
-    from lorakit.adapter_paths import path_under_root, resolve_adapter_dir
+    from lorakit.serve.paths import path_under_root, resolve_adapter_dir
     from lorakit.errors import AdapterFileError, ConfigError
 
     ad = tmp_path / "run" / "adapter"

@@ -28,6 +28,7 @@ COMMANDS = {
     "bench": "bench",
     "export": "export",
     "serve": "serve",
+    "plan": "plan",
 }
 
 

@@ -205,7 +205,7 @@ def _refuse_remote_code(folder: Path) -> None:
                              f"(Python: trust_remote_code=True) only if you trust its author.")
 
 
-def _finish(model, tokenizer, name_or_path: str):
+def finish_loaded(model, tokenizer, name_or_path: str):
     """Returns (model, tokenizer) in eval mode with a pad token and a stable name_or_path recorded."""
     rows = model.get_input_embeddings().num_embeddings if model.get_input_embeddings() is not None else None
     if rows is not None and len(tokenizer) > rows:
@@ -230,7 +230,7 @@ def load_model(spec: str | os.PathLike | None = None, *, dtype: torch.dtype = to
         folder = cached_gguf_folder(embedded_model_path(), cache_dir)
         model, tok = _load_folder(folder, dtype, trust_remote_code=False)
         # A spec that load_model understands again, so adapter files name their base portably.
-        return _finish(model, tok, "smollm2")
+        return finish_loaded(model, tok, "smollm2")
 
     text = str(spec)
     path = Path(text).expanduser()
@@ -241,7 +241,7 @@ def load_model(spec: str | os.PathLike | None = None, *, dtype: torch.dtype = to
                                      f"folder (with config.json) or a .gguf file.")
             folder = cached_gguf_folder(path, cache_dir)
             model, tok = _load_folder(folder, dtype, trust_remote_code=False)
-            return _finish(model, tok, str(path.resolve()))
+            return finish_loaded(model, tok, str(path.resolve()))
         if not (path / "config.json").exists():
             raise ModelLoadError(f"Model folder {path} has no config.json; it is not a transformers model "
                                  f"folder. Pass a folder written by save_pretrained, or a .gguf file.")
@@ -253,7 +253,7 @@ def load_model(spec: str | os.PathLike | None = None, *, dtype: torch.dtype = to
             raise
         except Exception as e:
             raise ModelLoadError(f"Could not load the model in {path}: {e}") from e
-        return _finish(model, tok, str(path.resolve()))
+        return finish_loaded(model, tok, str(path.resolve()))
 
     looks_local = (text.startswith(("/", "./", "../", "~", "\\")) or text.lower().endswith(".gguf")
                    or os.sep in text.strip("/").replace("/", "", 1) or not _HUB_ID.match(text))
@@ -276,7 +276,7 @@ def load_model(spec: str | os.PathLike | None = None, *, dtype: torch.dtype = to
                 f"or a .gguf file, or omit --model for the embedded default (smollm2).") from e
         raise ModelLoadError(f"Could not load '{text}' from the Hugging Face hub: {e}. If you meant a "
                              f"local folder, it does not exist here.") from e
-    return _finish(model, tok, text)
+    return finish_loaded(model, tok, text)
 
 
 def model_identity(model) -> dict:

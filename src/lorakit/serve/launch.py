@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit.adapter_paths import require_safetensors, resolve_adapter_dir
+from lorakit.serve.paths import require_safetensors, resolve_adapter_dir
 from lorakit.errors import ConfigError
 from lorakit.serve.adapters import AdapterPool
 from lorakit.serve.app import DEFAULT_MAX_BODY, create_app
