@@ -163,6 +163,8 @@ def test_text_file_missing_path_unknown_suffix_and_datasets_folder(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         D.load_records(tmp_path / "nope.jsonl")
     with pytest.raises(DataError, match="unknown data format"):
+        D.load_records(write(tmp_path, "x.xls", "a,b\n"))
+    with pytest.raises(DataError, match="x.csv: no rows"):
         D.load_records(write(tmp_path, "x.csv", "a,b\n"))
     saved = tmp_path / "saved"
     saved.mkdir()

@@ -22,7 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model (default: the run's model, else the embedded default)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let the model folder run its own Python code (off by default)")
-    p.add_argument("--adapter", default=None, help="adapter folder or checkpoint folder (default: none, base model)")
+    p.add_argument("--adapter", default=None, help="adapter folder, run folder or checkpoint folder (default: none, base model)")
     p.add_argument("--data", default=None, help="JSON/JSONL Alpaca rows (default: the embedded held-out split)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--template", choices=("auto", "chat", "alpaca"), default=None,

@@ -48,7 +48,8 @@ def merge_to_folder(base: str | None, adapter: str, out: str, dtype: str = "floa
 
 
 def run(args) -> int:
-    merge_to_folder(args.base, args.adapter, args.out, args.dtype, args.allow_pickle, args.trust_remote_code,
+    from lorakit.adapter_paths import resolve_adapter_dir
+    merge_to_folder(args.base, str(resolve_adapter_dir(args.adapter)), args.out, args.dtype, args.allow_pickle, args.trust_remote_code,
                     quantize=args.quantize)
     return 0
 
@@ -61,7 +62,7 @@ def add_parser(subparsers) -> None:
                                           "lorakit. Free disk space is checked first; the write is atomic.")
     p.add_argument("--base", default=None, help="base model: a transformers folder, a .gguf file, a hub id, or "
                                                 "omit for the embedded default (smollm2)")
-    p.add_argument("--adapter", required=True, help="adapter folder (PEFT format)")
+    p.add_argument("--adapter", required=True, help="adapter folder (PEFT format), a run folder or a checkpoint folder")
     p.add_argument("--out", required=True, help="output folder for the merged model (replaced atomically)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the saved weights (default: float32)")

@@ -2,7 +2,8 @@
 
     record (dict)  --render_segments-->  [(text, trainable), ...]  --tokenize_example-->  {input_ids, labels}
         alpaca: {instruction, input, output}       prompt segment is masked (labels -100) unless train_on_inputs
-        chat:   {messages: [{role, content}]}      only assistant turns are trained
+        chat:   {messages: [{role, content}]}      every assistant turn is trained, its end-of-turn token too
+        sharegpt: {conversations: [{from, value}]} read as chat (lorakit.train.formats)
         text:   {text}                             every token is trained (causal LM on raw text)
     examples --pack_examples--> fixed-length blocks with per-example position_ids   --collate--> tensors
 
@@ -24,6 +25,7 @@ from typing import Iterable, Sequence
 import torch
 
 from lorakit.errors import ConfigError, DataError
+from lorakit.train.formats import rename_columns, sharegpt_messages, with_end_of_turn
 
 IGNORE_INDEX = -100
 
@@ -170,7 +172,7 @@ TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 class LoadedData:
     """Records of one format read from a file or folder; `skipped` counts bad rows when skipping is on."""
     records: list[dict]
-    kind: str  # "alpaca" | "chat" | "text"
+    kind: str  # "alpaca" | "chat" | "sharegpt" | "text"
     source: str
     skipped: int = 0
     problems: list[str] = field(default_factory=list)
@@ -180,6 +182,8 @@ def _row_kind(row: dict) -> str | None:
     """Returns the format a row looks like: 'chat', 'alpaca', 'text', or None."""
     if "messages" in row:
         return "chat"
+    if "conversations" in row:
+        return "sharegpt"
     if "instruction" in row or "output" in row:
         return "alpaca"
     if "text" in row:
@@ -203,8 +207,10 @@ def validate_row(row, kind: str) -> dict:
         if not isinstance(row["output"], str) or not row["output"].strip():
             raise ValueError("output: empty (a row needs an answer to train on; remove it or use --skip-bad-rows)")
         return {**row, "input": row.get("input") or ""}
+    if kind == "sharegpt":
+        return validate_row(sharegpt_messages(row), "chat")
     if kind == "chat":
-        msgs = row["messages"]
+        msgs = row.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise ValueError("messages: expected a non-empty list of {role, content} objects")
         for i, m in enumerate(msgs):
@@ -259,17 +265,25 @@ def _json_rows(path: Path, text: str) -> Iterable[tuple[int, object]]:
         yield lineno, row
 
 
-def _collect(path: Path, rows: Iterable[tuple[int, object]], skip_bad_rows: bool, where: str = "line") -> LoadedData:
-    """Returns validated records; the first row that has a known format decides the file's format."""
+def collect_records(path, rows: Iterable[tuple[int, object]], skip_bad_rows: bool, where: str = "line",
+                    columns: dict[str, str] | None = None) -> LoadedData:
+    """Returns validated records; the first row that has a known format decides the file's format.
+
+    `columns` maps a format's field to the column holding it ({"instruction": "question"}), applied first.
+    """
     records, problems, kind = [], [], None
     for lineno, row in rows:
         try:
             if isinstance(row, Exception):
                 raise row
+            if columns:
+                row = rename_columns(row, columns)
             if kind is None and isinstance(row, dict):
                 kind = _row_kind(row)
                 if kind is None:
-                    raise ValueError("<row>: no 'instruction'/'output' (Alpaca), 'messages' (chat) or 'text' field")
+                    raise ValueError(f"<row>: no 'instruction'/'output' (Alpaca), 'messages' (chat), 'conversations' "
+                                     f"(ShareGPT) or 'text' field; its columns are {', '.join(map(str, row))} "
+                                     f"(map them with --columns instruction=COL,output=COL)")
             records.append(validate_row(row, kind or "alpaca"))
         except ValueError as e:
             fld, _, what = str(e).partition(": ")
@@ -282,38 +296,30 @@ def _collect(path: Path, rows: Iterable[tuple[int, object]], skip_bad_rows: bool
     return LoadedData(records, kind or "alpaca", str(path), len(problems), problems)
 
 
-def _load_saved_datasets(path: Path, skip_bad_rows: bool) -> LoadedData:
-    """Returns records from a folder written by `datasets.Dataset.save_to_disk`."""
-    try:
-        import datasets  # optional dependency; only needed for this one format
-    except ImportError:
-        raise DataError(f"{path} is a folder saved by the `datasets` library, which is not installed. "
-                        f"Install it (pip install datasets) or export the data to JSONL.") from None
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    return _collect(path, ((i + 1, dict(r)) for i, r in enumerate(ds)), skip_bad_rows, where="row")
+def load_records(path: str | os.PathLike, *, skip_bad_rows: bool = False, columns: dict[str, str] | None = None,
+                 split: str | None = None, config: str | None = None, prefer: str = "train") -> LoadedData:
+    """Returns the records at `path`: JSON/JSONL (Alpaca, chat or ShareGPT), text, Parquet/CSV, a `datasets`
+    folder, or a dataset id / folder that `datasets.load_dataset` reads (split, config; lorakit.train.sources).
+    """
+    from lorakit.train import sources  # Parquet, CSV, folders and dataset ids: through `datasets`
 
-
-def load_records(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> LoadedData:
-    """Returns the records in a JSON/JSONL (Alpaca or chat), text file, or `datasets` folder at `path`."""
+    if sources.is_dataset_spec(path):
+        return sources.load_with_datasets(path, split=split, config=config, columns=columns,
+                                          skip_bad_rows=skip_bad_rows, prefer=prefer)
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"Data path {path} does not exist.")
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
-            return _load_saved_datasets(path, skip_bad_rows)
-        raise DataError(f"{path} is a folder but not one saved by `datasets`; pass a .json, .jsonl or .txt file.")
     suffix = path.suffix.lower()
     if suffix in (".json", ".jsonl"):
         text = path.read_text(encoding="utf-8", errors="replace")
-        return _collect(path, _json_rows(path, text), skip_bad_rows)
+        return collect_records(path, _json_rows(path, text), skip_bad_rows, columns=columns)
     if suffix in TEXT_SUFFIXES:
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text.strip():
             raise DataError(f"{path}: the text file is empty")
         return LoadedData([{"text": text}], "text", str(path))
-    raise DataError(f"{path}: unknown data format '{suffix}'; use .json, .jsonl (Alpaca or chat) or .txt.")
+    raise DataError(f"{path}: unknown data format '{suffix}'; use .json, .jsonl (Alpaca, chat or ShareGPT), "
+                    f".parquet, .csv, .tsv or .txt.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -380,7 +386,7 @@ def render_segments(record: dict, tokenizer=None, template: str = "auto",
             if not (prompt.startswith(done) and full.startswith(prompt)):
                 raise ConfigError("the tokenizer's chat template does not render conversations prefix-wise; "
                                   "cannot tell prompt tokens from response tokens.")
-            segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            segments += [(prompt[len(done):], False), (with_end_of_turn(full[len(prompt):], tokenizer), True)]
             done = full
         return [(t, trainable) for t, trainable in segments if t]
     prompt = render_prompt(record, tokenizer, template, system)
@@ -388,7 +394,7 @@ def render_segments(record: dict, tokenizer=None, template: str = "auto",
         full = _chat_text(tokenizer, alpaca_messages(record, system) +
                           [{"role": "assistant", "content": record["output"]}], False)
         if full.startswith(prompt):
-            return [(prompt, False), (full[len(prompt):], True)]
+            return [(prompt, False), (with_end_of_turn(full[len(prompt):], tokenizer), True)]
     return [(prompt, False), (record["output"] + eos, True)]
 
 

@@ -1,9 +1,10 @@
 """The LoRA fine-tuning recipe, top to bottom: what `lorakit train` runs.
 
-    load model -> device -> (quantize) -> data -> baseline accuracy -> inject LoRA -> (adaptive rank)
+    tokenizer + data (checked before any weights load) -> load model -> device -> (quantize) -> baseline accuracy
+    -> inject LoRA -> (adaptive rank)
     -> optimizer + schedule -> (resume) -> steps [progress bar, metrics, eval, checkpoints, NaN and signal checks]
     -> (adaptive rank: finalize to per-module ranks) -> final eval + accuracy
-    -> adapter, metrics.jsonl, plot.png, config.yaml, README.md
+    -> adapter, metrics.jsonl (+ --report-to trackers), plot.png, config.yaml, README.md
 
 Only rank 0 (see loop.dist_env) prints and writes files, so the same recipe can run under torchrun.
 """
@@ -70,12 +71,14 @@ def load_data(o: TrainOptions, tokenizer, log=print) -> dict:
         ds = embedded_dataset()
         train, held, name, skipped = ds["train"], ds["eval"], "embedded default instruction dataset", 0
     else:
-        loaded = load_records(o.data, skip_bad_rows=o.skip_bad_rows)
+        loaded = load_records(o.data, skip_bad_rows=o.skip_bad_rows, columns=o.columns, split=o.data_split,
+                              config=o.data_config)
         train, held, name, skipped = loaded.records, [], o.data, loaded.skipped
         if skipped:
             log(f"skipped {skipped} malformed row(s) in {o.data}")
     if o.eval_data is not None:
-        loaded = load_records(o.eval_data, skip_bad_rows=o.skip_bad_rows)
+        loaded = load_records(o.eval_data, skip_bad_rows=o.skip_bad_rows, columns=o.columns, config=o.data_config,
+                              prefer="eval")
         held = loaded.records
         if loaded.skipped:
             log(f"skipped {loaded.skipped} malformed row(s) in {o.eval_data}")
@@ -152,14 +155,23 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
     o.out = str(out)
     seed_everything(o.seed)
 
-    # -- model and data
-    say(f"loading model {o.model} ...")
-    model, tokenizer = prepare_model(o, say)
+    # -- data first (with the tokenizer alone: a bad row fails in seconds, not after an 8B load), then the model
+    from lorakit.tokenizer_loading import load_tokenizer
+    from lorakit.train.progress_log import PlainProgress, is_terminal, quiet_third_party_progress
+    from lorakit.train.trackers import TrackedMetrics, Trackers, resolve_report_to
+    quiet_third_party_progress()
+    report_to = resolve_report_to(o.report_to)  # a missing tracker package fails before anything loads
+    tokenizer = load_tokenizer(o.model, trust_remote_code=o.trust_remote_code)
     data = load_data(o, tokenizer, say)
     train_ex, stats = tokenize_training(o, data["train_records"], tokenizer)
     if not train_ex:
         raise DataError(f"{data['data_name']}: no training examples left after tokenization "
                         f"({stats['dropped']} rows lost their whole response to max_seq_len={o.max_seq_len})")
+    eval_ex, _ = tokenize_records(data["eval_records"], tokenizer, template=o.template, max_seq_len=o.max_seq_len,
+                                  system=o.system)
+    say(f"data: {stats['rows']} training rows ({len(train_ex)} examples), {len(data['eval_records'])} held-out "
+        f"rows; loading model {o.model} ...")
+    model, tokenizer = prepare_model(o, say)
     if o.quantize == "nf4-gptq":
         quantize_gptq(model, calibration_inputs(train_ex, o.quant_calibration), say)
     if stats["truncated"] or stats["dropped"]:
@@ -167,8 +179,6 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
             f"truncated ({stats['dropped']} dropped: nothing of the response was left)")
     if o.packing:
         train_ex = pack_examples(train_ex, o.max_seq_len)
-    eval_ex, _ = tokenize_records(data["eval_records"], tokenizer, template=o.template, max_seq_len=o.max_seq_len,
-                                  system=o.system)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # Only now, with model and data loaded, does the run get a folder: a bad input leaves nothing behind and
     # never overwrites the config.yaml an earlier run (and its --resume) depends on.
@@ -178,7 +188,8 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
     n_steps = total_steps(len(train_ex), o.batch_size, o.grad_accum, o.max_steps, o.epochs, world)
     do_acc = o.accuracy and bool(data["eval_records"])
     acc_args = dict(template=o.template, system=o.system, batch_size=o.eval_batch_size, max_new_tokens=o.max_new_tokens)
-    metrics = MetricsLog(out, enabled=main)
+    trackers = Trackers(report_to, out, o.to_dict()) if main and report_to else None
+    metrics = TrackedMetrics(MetricsLog(out, enabled=main), trackers)
     results = {"options": o.to_dict(), "command": command or "lorakit train", "world_size": world,
                "model_name": getattr(model.config, "_name_or_path", o.model),
                "model_parameters": sum(p.numel() for p in model.parameters()),
@@ -242,7 +253,11 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
     last_loss, eval_loss, stopped = float("nan"), float("nan"), None
     ckpt_state = lambda: {"tokens_seen": tokens_seen, "accuracy_before": before, "world_size": world}  # noqa: E731
     t_train = time.time()
-    with StopRequest() as stop, _progress(main and o.progress, n_steps, step, console) as bar:
+    on_terminal = console.is_terminal if console is not None else is_terminal()
+    progress = (_progress(main and o.progress, n_steps, step, console) if on_terminal else
+                PlainProgress(main and o.progress, n_steps, step, o.progress_every,  # a log: plain lines
+                              None if console is None else lambda s: console.print(s, soft_wrap=True, highlight=False)))
+    with StopRequest() as stop, progress as bar:
         while step < n_steps:
             t0 = time.time()
             adaptive = {} if controller is None else dict(
@@ -311,6 +326,9 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
         if main:
             lorakit.save_adapter(model, out / "adapter")
     results["eval_loss"] = eval_loss
+    if trackers is not None:
+        results["trackers"] = trackers.where()
+        trackers.close()
     results["total_seconds"] = time.time() - t_start
     results["out"] = str(out)
     if main:
@@ -410,18 +428,17 @@ def load_for_inference(model_spec: str | None, adapter: str | None, template: st
     from lorakit.models import load_model
     from lorakit.train.options import read_config_file
 
+    from lorakit.adapter_paths import resolve_adapter_dir, run_dir_of
+
     run_cfg = {}
-    if adapter and (Path(adapter) / "state.json").is_file():  # a checkpoint folder: use its adapter/
-        adapter = str(Path(adapter) / "adapter")
-    if adapter:
-        # out/adapter or out/checkpoints/step-N/adapter: the run's config.yaml is 1 or 3 levels up
-        for run_dir in (Path(adapter).parent, Path(adapter).parent.parent.parent):
-            if (run_dir / "config.yaml").is_file():
-                try:
-                    run_cfg = read_config_file(run_dir / "config.yaml")
-                except ConfigError:
-                    pass
-                break
+    if adapter:  # a run, checkpoint or adapter folder; the run's config.yaml (if any) names how it trained
+        adapter = str(resolve_adapter_dir(adapter))
+        run_dir = run_dir_of(adapter)
+        if run_dir is not None:
+            try:
+                run_cfg = read_config_file(run_dir / "config.yaml")
+            except ConfigError:
+                pass
     model, tokenizer = load_model(model_spec or run_cfg.get("model") or "default", trust_remote_code=trust_remote_code)
     model.to(resolve_device(device))
     how = quantize or run_cfg.get("quantize")
