@@ -26,6 +26,7 @@ COMMANDS = {
     "rank": "rank",
     "search": "search",
     "bench": "bench",
+    "data": "data",
 }
 
 
