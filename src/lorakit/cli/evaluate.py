@@ -53,7 +53,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.data is None:
         records = embedded_dataset()["eval"]
     else:
-        records = load_records(args.data, skip_bad_rows=args.skip_bad_rows).records
+        records = load_records(args.data, skip_bad_rows=args.skip_bad_rows, prefer="eval").records
     records = records[:args.limit] if args.limit else records
     if any("output" not in r for r in records):
         raise DataError(f"{args.data}: eval needs Alpaca rows with an 'output' (the expected answer)")

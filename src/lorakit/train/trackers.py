@@ -137,7 +137,7 @@ class _Trackio:
 
     def close(self) -> None:
         with contextlib.redirect_stdout(io.StringIO()):
-            self.run.finish()
+            self.trackio.finish()  # the module-level finish also clears trackio's current run (no atexit finish)
 
 
 class _WandB:
@@ -152,7 +152,7 @@ class _WandB:
         self.run.log(values, step=step)
 
     def close(self) -> None:
-        self.run.finish(quiet=True)
+        self.run.finish()
 
 
 _CLASSES = {"tensorboard": _TensorBoard, "mlflow": _MLflow, "trackio": _Trackio, "wandb": _WandB}
