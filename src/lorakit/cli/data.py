@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(highlight=False, soft_wrap=True)
     color = is_terminal() and console.is_terminal
-    console.print(f"{name}: {kind} rows, rendered with the tokenizer of {args.model} "
+    model = "the embedded SmolLM2-135M-Instruct" if args.model.lower() in ("default", "smollm2") else args.model
+    console.print(f"{name}: {kind} rows, rendered with the tokenizer of {model} "
                   f"({'trained tokens in green' if color else 'trained tokens inside ⟦ ⟧'})", markup=False)
     for i, runs in enumerate(shown, 1):
         console.rule(f"example {i}", style="dim") if color else console.print(f"--- example {i}", markup=False)
