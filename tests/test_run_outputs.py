@@ -163,6 +163,11 @@ def test_adapter_paths_accept_run_checkpoint_and_adapter_folders(files, tmp_path
     rc, out, err = cli(capsys, "eval", "--adapter", str(run), "--data", files["train"], "--limit", "2",
                        "--max-new-tokens", "1", "--json")
     assert rc == 0, err
+    csv = tmp_path / "held.csv"  # eval reads CSV through datasets, with --columns
+    csv.write_text("q,a\n" + "".join(f"{r['instruction']} {r['input']},{r['output']}\n" for r in alpaca_rows(3)))
+    rc, out, err = cli(capsys, "eval", "--adapter", str(run / "checkpoints" / "step-000002"), "--data", str(csv),
+                       "--columns", "instruction=q,output=a", "--max-new-tokens", "1", "--json")
+    assert rc == 0 and json.loads(out)["n"] == 3, err
     rc, out, err = cli(capsys, "rank", str(run), "--json")
     assert rc == 0, err
     rc, _, err = cli(capsys, "merge", "--base", files["model"], "--adapter", str(run), "--out", str(tmp_path / "m"))
