@@ -10,7 +10,7 @@ from lorakit.cli import main
 from lorakit.errors import DataError
 from lorakit.train import data as D
 from lorakit.train.data import IGNORE_INDEX
-from test_data import char_tokenizer
+from test_data import char_tokenizer, trained_runs
 
 pd = pytest.importorskip("pandas")
 datasets = pytest.importorskip("datasets")
@@ -29,18 +29,6 @@ def cli(capsys, *argv):
     rc = main(list(argv))
     out, err = capsys.readouterr()
     return rc, out, err
-
-
-def trained_runs(ex, tok) -> list[str]:
-    runs, cur = [], []
-    for i, label in zip(ex["input_ids"], ex["labels"]):
-        if label == IGNORE_INDEX:
-            if cur:
-                runs.append(tok.decode(cur))
-            cur = []
-        else:
-            cur.append(i)
-    return runs + ([tok.decode(cur)] if cur else [])
 
 
 # ---------------------------------------------------------------- files and ids through datasets.load_dataset

@@ -72,19 +72,16 @@ def quiet_third_party_progress(force: bool = False) -> bool:
     terminal (or `force`); returns True when it did. lorakit's own progress is not affected."""
     if not force and is_terminal(sys.stderr):
         return False
+    # Read when each library is imported (transformers takes huggingface_hub's setting); those already
+    # imported are told directly. Nothing is imported here, so calling this costs nothing.
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads it for every bar it creates
-    try:
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-    try:
-        from huggingface_hub.utils import disable_progress_bars
-        disable_progress_bars()
-    except ImportError:
-        pass
-    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # read when datasets is imported
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()
     return True
