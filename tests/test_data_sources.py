@@ -56,8 +56,18 @@ def test_dataset_folder_split_and_config(tmp_path):
     assert [r["text"] for r in D.load_records(folder).records] == ["train one", "train two"]
     assert [r["text"] for r in D.load_records(folder, split="test").records] == ["held out"]
     assert [r["text"] for r in D.load_records(folder, prefer="eval").records] == ["held out"]
+    assert [r["text"] for r in D.load_records(folder, split="train[1:]").records] == ["train two"]
     with pytest.raises(DataError, match="no split 'nope'; it has train, test"):
         D.load_records(folder, split="nope")
+    hub_like = tmp_path / "configs"  # a hub-style repo whose README declares two configurations
+    (hub_like / "en").mkdir(parents=True)
+    (hub_like / "de").mkdir()
+    pd.DataFrame({"text": ["hello"]}).to_parquet(hub_like / "en" / "train.parquet")
+    pd.DataFrame({"text": ["hallo"]}).to_parquet(hub_like / "de" / "train.parquet")
+    (hub_like / "README.md").write_text("---\nconfigs:\n- config_name: en\n  data_files: en/*.parquet\n"
+                                        "- config_name: de\n  data_files: de/*.parquet\n---\n")
+    assert [r["text"] for r in D.load_records(hub_like, config="de").records] == ["hallo"]
+    assert [r["text"] for r in D.load_records(hub_like, config="en").records] == ["hello"]
 
 
 def test_hub_id_without_network_is_one_clear_message(capsys):

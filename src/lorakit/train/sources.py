@@ -69,15 +69,16 @@ def load_dataset_rows(spec: str | os.PathLike, split: str | None = None, config:
 
     p = Path(spec).expanduser()
     where = str(spec)
+    sliced = split if split and "[" in split else None  # 'train[:1000]': datasets' own slicing
     try:
         if p.is_file():
             builder = FILE_BUILDERS[p.suffix.lower()]
             extra = {"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}
-            ds = datasets.load_dataset(builder, data_files={"train": str(p)}, **extra)
+            ds = datasets.load_dataset(builder, data_files={"train": str(p)}, split=sliced, **extra)
         elif p.is_dir() and any((p / m).exists() for m in _SAVED_MARKERS):
             ds = datasets.load_from_disk(str(p))
         elif p.is_dir():
-            ds = datasets.load_dataset(str(p), name=config)
+            ds = datasets.load_dataset(str(p), name=config, split=sliced)
         else:
             if not hub_reachable() and not getattr(datasets.config, "HF_HUB_OFFLINE", False):
                 raise DataError(_hub_unreachable_message(where))
