@@ -304,8 +304,8 @@ def load_records(path: str | os.PathLike, *, skip_bad_rows: bool = False, column
     from lorakit.train import sources  # Parquet, CSV, folders and dataset ids: through `datasets`
 
     if sources.is_dataset_spec(path):
-        return sources.load_with_datasets(path, split=split, config=config, columns=columns,
-                                          skip_bad_rows=skip_bad_rows, prefer=prefer)
+        rows = sources.dataset_rows(path, split=split, config=config, prefer=prefer)
+        return collect_records(path, rows, skip_bad_rows, where="row", columns=columns)
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"Data path {path} does not exist.")

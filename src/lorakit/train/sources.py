@@ -4,7 +4,7 @@
     --data some/folder                                 load_from_disk (saved by `datasets`) or load_dataset(FOLDER)
     --data tatsu-lab/alpaca [--data-split train] [--data-config NAME]    load_dataset(ID, NAME, split=SPLIT)
 
-Rows then go through the same validation as JSONL rows (lorakit.train.data.collect_records), so an error
+Rows then go through the same validation as JSONL rows (lorakit.train.data.load_records), so an error
 names the source, the row and the field. Without a network a hub id fails at once with one clear message.
 `datasets` (and pyarrow) come with the `data` extra: pip install 'lorakit[data]'.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Iterable
 
 from lorakit.errors import DataError
 
@@ -109,13 +110,10 @@ def _offline(exc: BaseException) -> bool:
     return False
 
 
-def load_with_datasets(spec: str | os.PathLike, *, split: str | None = None, config: str | None = None,
-                       columns: dict[str, str] | None = None, skip_bad_rows: bool = False, prefer: str = "train"):
-    """Returns LoadedData for `spec` read by `datasets`, each row validated like a JSONL row."""
-    from lorakit.train.data import collect_records
-
+def dataset_rows(spec: str | os.PathLike, *, split: str | None = None, config: str | None = None,
+                 prefer: str = "train") -> Iterable[tuple[int, dict]]:
+    """Returns (1-based row number, row) pairs of `spec` read by `datasets`, for the row validation."""
     ds = load_dataset_rows(spec, split, config, prefer)
     csv = Path(spec).suffix.lower() in (".csv", ".tsv")
     # CSV cells are text: a column of numbers ("42") must stay a string answer, not become an int.
-    rows = ((i + 1, {k: (str(v) if csv and v is not None else v) for k, v in r.items()}) for i, r in enumerate(ds))
-    return collect_records(spec, rows, skip_bad_rows, where="row", columns=columns)
+    return ((i + 1, {k: (str(v) if csv and v is not None else v) for k, v in r.items()}) for i, r in enumerate(ds))
