@@ -54,8 +54,8 @@ def resolve_adapter_dir(path: str | os.PathLike) -> Path:
         raise AdapterFileError(f"--adapter {p} does not exist (give an adapter folder, a run folder written by "
                                f"`lorakit train --out`, or a checkpoint folder)")
     if not p.is_dir():
-        raise AdapterFileError(f"--adapter {p} is a file; give an adapter folder (with {ADAPTER_CONFIG}), "
-                               f"a run folder or a checkpoint folder")
+        raise AdapterFileError(f"{p} is a file; an adapter is a folder holding {ADAPTER_CONFIG} and "
+                               f"adapter_model.safetensors (a run folder or a checkpoint folder works too)")
     if _is_adapter(p):
         return p
     if _is_adapter(p / RUN_ADAPTER):

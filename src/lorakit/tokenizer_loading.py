@@ -18,29 +18,32 @@ from lorakit.errors import ModelLoadError
 
 
 def load_tokenizer(spec: str | os.PathLike | None = None, *, trust_remote_code: bool = False):
-    """Returns the tokenizer for a model spec (as lorakit.models.load_model takes it), without the weights."""
+    """Returns the tokenizer for a model spec (as lorakit.models.load_model takes it), without the weights.
+
+    A spec whose tokenizer does not load on its own (a missing path, a broken file) goes to load_model, so
+    the error is the one `lorakit train` has always given for it (ModelLoadError naming the path and why).
+    """
     from transformers import AutoTokenizer
 
-    from lorakit.models import EMBEDDED_NAMES, embedded_model_path, hub_reachable
+    from lorakit.models import EMBEDDED_NAMES, embedded_model_path, hub_reachable, load_model
 
     text = "default" if spec is None else str(spec)
     path = Path(text).expanduser()
+    embedded = text.lower() in EMBEDDED_NAMES
+    hub_id = not path.exists() and not text.startswith(("/", ".", "~")) and text.count("/") <= 1
     try:
-        if text.lower() in EMBEDDED_NAMES or (path.is_file() and path.suffix.lower() == ".gguf"):
-            gguf = embedded_model_path() if text.lower() in EMBEDDED_NAMES else path
+        if embedded or (path.is_file() and path.suffix.lower() == ".gguf"):
+            gguf = embedded_model_path() if embedded else path
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        elif path.is_dir():
+        elif path.is_dir() and (path / "config.json").is_file():
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        elif path.exists():
-            raise ModelLoadError(f"Model file {path} is not a .gguf file; pass a model folder or a .gguf file.")
-        else:
+        elif hub_id:
             tok = AutoTokenizer.from_pretrained(text, trust_remote_code=trust_remote_code,
                                                 local_files_only=not hub_reachable())
-    except ModelLoadError:
-        raise
-    except Exception as e:  # transformers raises many kinds; name the spec and the reason
-        raise ModelLoadError(f"Could not load the tokenizer of model {text!r} (needed to check the data before "
-                             f"the model loads): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        else:
+            raise ModelLoadError(text)
+    except Exception:  # load_model names what is wrong with the spec (and loads it when only the tokenizer failed)
+        return load_model(spec, trust_remote_code=trust_remote_code)[1]
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok

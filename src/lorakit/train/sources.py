@@ -21,6 +21,7 @@ FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
 OWN_SUFFIXES = {".json", ".jsonl", ".txt", ".md", ".text", ".rst"}  # read by lorakit.train.data itself
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+DATA_FILE_SUFFIXES = {".parquet", ".csv", ".tsv", ".json", ".jsonl", ".txt", ".arrow"}  # what load_dataset reads
 EVAL_SPLITS = ("validation", "valid", "val", "test", "eval")
 
 
@@ -79,6 +80,10 @@ def load_dataset_rows(spec: str | os.PathLike, split: str | None = None, config:
         elif p.is_dir() and any((p / m).exists() for m in _SAVED_MARKERS):
             ds = datasets.load_from_disk(str(p))
         elif p.is_dir():
+            if not any(f.suffix.lower() in DATA_FILE_SUFFIXES for f in p.rglob("*") if f.is_file()):
+                raise DataError(f"{p} is a folder but not one saved by `datasets`, and it holds no data files "
+                                f"({', '.join(sorted(DATA_FILE_SUFFIXES))}) for datasets.load_dataset; pass a "
+                                f".json, .jsonl, .parquet, .csv or .txt file")
             ds = datasets.load_dataset(str(p), name=config, split=sliced)
         else:
             if not hub_reachable() and not getattr(datasets.config, "HF_HUB_OFFLINE", False):
