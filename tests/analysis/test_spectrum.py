@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorakit import rank as R
+from lorakit.analysis import spectrum as R
 from lorakit.cli import main
 from lorakit.errors import AdapterFileError, ConfigError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorakit.functional import lora_delta, lora_linear, lora_linear_shared, lora_update
+from lorakit.ops.lora import lora_delta, lora_linear, lora_linear_shared, lora_update
 
 K, D, R, S = 12, 10, 3, 1.75
 
@@ -130,7 +130,7 @@ def test_lora_linear_shared_with_an_unused_output():
 # ------------------------------------------------------------------------------------------- no-grad fast path
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_no_grad_path_skips_autograd_and_equals_the_grad_path(bias, monkeypatch):
-    import lorakit.functional as F_
+    import lorakit.ops.lora as F_
     x, w, b, A, B = _tensors((2, 5), bias, train_base=False)
     with_grad = lora_linear(x, w, b, A, B, S)
     lx = x * _mask(x, 0.3)
@@ -157,7 +157,7 @@ def test_no_grad_path_skips_autograd_and_equals_the_grad_path(bias, monkeypatch)
 @pytest.mark.parametrize("train_head", [False, True], ids=["frozen", "trained"])
 @pytest.mark.parametrize("chunk", [4, 64])
 def test_linear_cross_entropy_matches_full_logits(bias, train_head, chunk):
-    from lorakit.functional import linear_cross_entropy
+    from lorakit.ops.cross_entropy import linear_cross_entropy
     g = torch.Generator().manual_seed(0)
     h = torch.randn(3, 7, K, generator=g, requires_grad=True)
     w = torch.randn(50, K, generator=g).requires_grad_(train_head)

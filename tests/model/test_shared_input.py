@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import lorakit
-import lorakit.functional as F_
-from lorakit.fuse import SharedInputGroup, fuse_shared_inputs, unfuse
+import lorakit.ops.lora as F_
+from lorakit.model.shared_input import SharedInputGroup, fuse_shared_inputs, unfuse
 from tests.conftest import tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -38,7 +38,7 @@ def _count_shared_calls(monkeypatch):
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k)
-    monkeypatch.setattr("lorakit.fuse.lora_linear_shared", spy)
+    monkeypatch.setattr("lorakit.model.shared_input.lora_linear_shared", spy)
     return calls
 
 
@@ -56,7 +56,7 @@ def test_fused_model_matches_unfused_logits_and_grads(monkeypatch):
     for k in grads_p:
         torch.testing.assert_close(grads_f[k], grads_p[k], rtol=1e-10, atol=1e-12)
     # nothing left pending after the forward: no tensors kept alive between steps
-    groups = {id(m._shared_group): m._shared_group for m in fused.modules() if getattr(m, "_shared_group", None)}
+    groups = {id(m.shared_group): m.shared_group for m in fused.modules() if getattr(m, "shared_group", None)}
     assert all(g._pending == {} and g._x is None for g in groups.values())
 
 
@@ -129,7 +129,7 @@ def test_group_turns_itself_off_when_siblings_read_different_inputs(monkeypatch)
     ref = copy.deepcopy(parent)
     assert fuse_shared_inputs(parent) == 1
     calls = _count_shared_calls(monkeypatch)
-    group = parent.q_proj._shared_group
+    group = parent.q_proj.shared_group
     for _ in range(3):
         dec, enc = torch.randn(3, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
         for name, x in (("q_proj", dec), ("k_proj", enc), ("v_proj", enc)):
@@ -143,6 +143,6 @@ def test_inject_fuses_by_default_and_unfuse_undoes_it():
     model = tiny_llama()
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=TARGETS))
     layer = model.model.layers[0]
-    assert layer.self_attn.q_proj._shared_group is layer.self_attn.v_proj._shared_group is not None
-    assert layer.mlp.gate_proj._shared_group is not None and layer.mlp.down_proj._shared_group is None
+    assert layer.self_attn.q_proj.shared_group is layer.self_attn.v_proj.shared_group is not None
+    assert layer.mlp.gate_proj.shared_group is not None and layer.mlp.down_proj.shared_group is None
     assert unfuse(model) == 2 * 5

@@ -14,7 +14,7 @@ from lorakit.layers import LoraConv, LoraEmbedding, LoraLinear, LoraMergedLinear
 def _randomize(layer, name="default", seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in layer._adapter_params(name):
+        for p in layer.adapter_parameters(name):
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return layer
 
@@ -227,10 +227,10 @@ def test_disabled_or_merged_forward_is_base_only():
     x = torch.randn(2, 8)
     layer.set_disabled(True)
     assert torch.equal(layer(x), base(x))
-    assert layer._live == ()
+    assert layer.live == ()
     layer.set_disabled(False)
     layer.merge()
-    assert layer._live == ()  # merged: no adapter work in forward
+    assert layer.live == ()  # merged: no adapter work in forward
 
 
 def test_train_eval_never_merges():

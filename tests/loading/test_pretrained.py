@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lorakit import models as M
+from lorakit.loading import pretrained as M
 from lorakit.errors import ModelLoadError
 
 

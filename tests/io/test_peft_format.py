@@ -235,7 +235,7 @@ def test_interrupted_save_keeps_previous_adapter(saved, monkeypatch):
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr("lorakit.io.save_file", boom)
+    monkeypatch.setattr("lorakit.io.peft_format.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         lorakit.save_adapter(model, saved)
     assert (saved / "adapter_model.safetensors").read_bytes() == before

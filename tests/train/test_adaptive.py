@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.adaptive import TripletFactor, budget_mask, budget_schedule, enable_adaptive_rank, orthogonality
+from lorakit.train.adaptive import TripletFactor, budget_mask, budget_schedule, enable_adaptive_rank, orthogonality
 from lorakit.errors import ConfigError
 from tests.conftest import model_inputs, tiny_llama
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lorakit
-from lorakit import quant as Q
+from lorakit import quant as Q  # the old path: also checks the compat shim
+from lorakit.ops import nf4
 from lorakit.layers import LoraLayer, LoraLinear
 
 from conftest import tiny_llama
@@ -112,7 +113,7 @@ def test_quantize_before_or_after_inject_gives_the_same_model():
     after = Q.quantize(lorakit.inject(tiny_llama(), cfg))
     for model in (before, after):
         q = model.model.layers[0].self_attn.q_proj
-        assert isinstance(q, LoraLinear) and Q.is_quantized_layer(q.base_layer) and q._fusable  # fused 4-bit path
+        assert isinstance(q, LoraLinear) and Q.is_quantized_layer(q.base_layer) and q.fusable  # fused 4-bit path
         assert type(q.lora_A["default"]).__name__ == "Linear"  # the factors are never quantized
         assert Q.is_quantized_layer(model.model.layers[0].mlp.up_proj)  # untargeted layers too
     x = ids()
@@ -156,18 +157,18 @@ def test_dequantize_into_workspace_equals_bitsandbytes(quant_type, nested, shape
 
 def _bitsandbytes_path(model):
     # The reference: every 4-bit base runs bitsandbytes' own Linear4bit forward, LoRA added on top.
-    from lorakit.fuse import unfuse
+    from lorakit.model.shared_input import unfuse
     unfuse(model)
     for m in model.modules():
         if isinstance(m, LoraLinear):
-            m._fusable = False
+            m.fusable = False
     return model
 
 
 def test_fused_4bit_path_matches_bitsandbytes_linear4bit_forward_and_grads():
     _, fused = qlora(init="none")
     ref = _bitsandbytes_path(copy.deepcopy(fused))
-    assert fused.model.layers[0].self_attn.q_proj._shared_group is not None  # q,k,v share one A GEMM here too
+    assert fused.model.layers[0].self_attn.q_proj.shared_group is not None  # q,k,v share one A GEMM here too
     x = ids(2, 12, seed=6)
     outs = []
     for model in (fused, ref):
@@ -189,7 +190,7 @@ def test_fused_4bit_path_reuses_one_buffer_for_every_layer():
     model.train()
     x = ids(2, 12)
     model(input_ids=x, labels=x).loss.backward()
-    pool = Q._local.pool
+    pool = nf4._local.pool
     largest = max(m.in_features * m.out_features for m in model.modules() if Q.is_quantized_layer(m))
     assert list(pool) == [(torch.device("cpu"), torch.float32)] and pool[list(pool)[0]].numel() == largest
 
@@ -340,7 +341,7 @@ def test_clear_error_when_the_device_has_no_4bit_kernel(monkeypatch):
     def unsupported(*a, **k):
         raise NotImplementedError("no kernel for this device")
 
-    monkeypatch.setattr(Q, "_checked_devices", set())
+    monkeypatch.setattr(nf4, "_checked_devices", set())
     monkeypatch.setattr(bf, "quantize_4bit", unsupported)
     model = tiny_llama()
     with pytest.raises(Q.QuantizationBackendError, match="device 'cpu'"):

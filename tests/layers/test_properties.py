@@ -19,7 +19,7 @@ SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[Healt
 def _fill(layer, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in layer._adapter_params("default"):
+        for p in layer.adapter_parameters("default"):
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 

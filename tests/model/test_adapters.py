@@ -6,7 +6,7 @@ import torch
 
 import lorakit
 from lorakit import ConfigError, LoraConfig
-from lorakit.inject import adapter_configs
+from lorakit.model.state import adapter_configs
 from conftest import model_inputs, randomize_lora, tiny_bert, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.compiling import compile_blocks, has_cxx_compiler, repeated_blocks, uncompile_blocks
+from lorakit.model.compiling import compile_blocks, has_cxx_compiler, repeated_blocks, uncompile_blocks
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.train.options import load_options
 

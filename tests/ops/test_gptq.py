@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit import gptq
+from lorakit.ops import gptq
 from lorakit import quant as Q
 
 from conftest import tiny_llama
@@ -104,7 +104,7 @@ def test_quantize_with_calibration_after_inject_then_qlora_trains():
                            lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     Q.quantize(model, calibration=calib())
     q = model.model.layers[0].self_attn.q_proj
-    assert Q.is_quantized_layer(q.base_layer) and q._fusable
+    assert Q.is_quantized_layer(q.base_layer) and q.fusable
     x = torch.randint(3, 101, (4, 16), generator=torch.Generator().manual_seed(3))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     model.train()

@@ -2,16 +2,15 @@
 
 Keys are PEFT's (`base_model.model.<module>.lora_A.weight`, `...lora_embedding_A`, `...lora_magnitude_vector`,
 `base_model.model.<modules_to_save module>.<param>`), so an adapter written here loads in PEFT, vLLM and
-llama.cpp's converter, and one written by PEFT loads here. Writes are atomic (temporary folder, fsync,
+llama.cpp's converter, and one written by PEFT loads here. Writes are atomic (lorakit.io.atomic: temporary folder, fsync,
 rename): an interrupted save never leaves a half-written adapter. Loading validates everything before it
 touches the model, so a bad file leaves the model unchanged.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,68 +18,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorakit.config import LoraConfig
-from lorakit.errors import AdapterFileError, ConfigError, LorakitError
-from lorakit.inject import (_base_of, _matches, _output_head_names, _plain_modules, adapter_configs,
-                            check_adapter_name, find_targets, inject, is_linear)
-from lorakit.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, LoraMergedLinear, ModulesToSave
-from lorakit.layers.linear import linear_shape
+from lorakit.config import LoraConfig, alpha_for_scale
+from lorakit.errors import AdapterFileError, ConfigError
+from lorakit.io.atomic import atomic_write_dir
+from lorakit.layers import LoraLayer, LoraMergedLinear, ModulesToSave
+from lorakit.layers.registry import kind_of_base, kind_of_layer
+from lorakit.model.inject import inject
+from lorakit.model.state import active_adapters, adapter_configs, check_adapter_name, set_adapter
+from lorakit.model.targets import base_of, find_targets, matching_modules, output_head, plain_modules
+from lorakit.ops.nf4 import numel_4bit_aware
+from lorakit.variants.init import BASE_INITS
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-_FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B",
-                    ".lora_magnitude_vector")
-
-
-# ---------------------------------------------------------------------------- atomic writing
-def atomic_write_dir(directory: str | os.PathLike, write) -> Path:
-    """Calls write(tmp_dir), fsyncs its files, then renames tmp_dir to `directory`; returns the final path.
-
-    An existing `directory` is replaced only after the new one is complete, so a crash at any point leaves
-    either the old or the new folder, never a mix.
-    """
-    final = Path(directory)
-    check_output_dir(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        write(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        dir_fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
-def check_output_dir(directory: str | os.PathLike) -> Path:
-    """Returns `directory` if a folder can be written there; raises LorakitError when a file is in the way."""
-    final = Path(directory)
-    if final.exists() and not final.is_dir():
-        raise LorakitError(f"{final} exists and is a file; refusing to replace it with a folder. "
-                           f"Choose another output path or move the file away.")
-    for parent in final.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise LorakitError(f"cannot create {final}: {parent} is a file, not a folder. Choose another output path.")
-            break
-    return final
 
 
 def write_adapter(directory: str | os.PathLike, config: LoraConfig | dict, tensors: dict[str, torch.Tensor],
@@ -170,11 +122,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     for name, module in model.named_modules():
         key = PREFIX + name
         if isinstance(module, LoraLayer) and adapter_name in module.r:
-            A, B = module.factors(adapter_name)
-            if isinstance(module, LoraEmbedding):
-                out[key + ".lora_embedding_A"], out[key + ".lora_embedding_B"] = A, B
-            else:
-                out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = A, B
+            key_a, key_b = kind_of_layer(module).keys
+            out[key + key_a], out[key + key_b] = module.factors(adapter_name)
             if module.use_dora[adapter_name]:
                 out[key + ".lora_magnitude_vector"] = module.lora_magnitude_vector[adapter_name]
             if config.bias != "none" and getattr(module.base_layer, "bias", None) is not None:
@@ -190,7 +139,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
 
 def _plain_named_parameters(model):
-    for mname, module in _plain_modules(model):
+    for mname, module in plain_modules(model):
         if isinstance(module, (LoraLayer, ModulesToSave)):
             continue
         for pname, p in module.named_parameters(recurse=False):
@@ -199,7 +148,6 @@ def _plain_named_parameters(model):
 
 def _export_config(model: nn.Module, adapter_name: str) -> LoraConfig:
     # Fused-slice layers are saved as the equivalent plain LoRA of rank r·n with the same scale.
-    import copy
     config = copy.deepcopy(adapter_configs(model)[adapter_name])
     for name, module in model.named_modules():
         if isinstance(module, LoraMergedLinear) and adapter_name in module.r:
@@ -207,7 +155,7 @@ def _export_config(model: nn.Module, adapter_name: str) -> LoraConfig:
             r = module.r[adapter_name]
             key = "^" + name.replace(".", r"\.") + "$"
             config.rank_pattern[key] = r * n
-            config.alpha_pattern[key] = module.scaling[adapter_name] * (r * n) ** (0.5 if config.use_rslora else 1)
+            config.alpha_pattern[key] = alpha_for_scale(module.scaling[adapter_name], r * n, config.use_rslora)
     return config
 
 
@@ -220,7 +168,7 @@ def base_identity(model: nn.Module) -> dict:
         for field in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "n_embd", "n_layer"):
             if getattr(cfg, field, None) is not None:
                 ident[field] = getattr(cfg, field)
-    base = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for n, p in model.named_parameters()
+    base = sum(numel_4bit_aware(p) for n, p in model.named_parameters()
                if "lora_" not in n and ".modules_to_save." not in n)
     ident["base_parameters"] = int(base)
     return ident
@@ -243,20 +191,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
 
 # ---------------------------------------------------------------------------- tensors -> model
 def _expected_shapes(module: nn.Module, r: int, use_dora: bool) -> dict[str, tuple]:
-    base = _base_of(module)
-    if is_linear(base):
-        k, d, _ = linear_shape(base)
-        shapes = {".lora_A.weight": (r, k), ".lora_B.weight": (d, r)}
-        if use_dora:
-            shapes[".lora_magnitude_vector"] = (d,)
-        return shapes
-    if isinstance(base, nn.Embedding):
-        V, d = base.weight.shape
-        return {".lora_embedding_A": (r, V), ".lora_embedding_B": (d, r)}
-    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        kernel = tuple(base.weight.shape[2:])
-        return {".lora_A.weight": (r, base.in_channels, *kernel), ".lora_B.weight": (base.out_channels, r) + (1,) * len(kernel)}
-    return {}
+    kind = kind_of_base(base_of(module))
+    return kind.shapes(base_of(module), r, use_dora) if kind is not None else {}
 
 
 def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], where: str):
@@ -287,13 +223,12 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
                     problems.append(f"{PREFIX + key}: shape {got} but the model needs {shape} "
                                     f"(was the adapter trained for a different base model?)")
             plan[keys[key]] = (name, suffix)
-    heads = _output_head_names(model)
-    to_save = [n for n, m in _plain_modules(model) if n and _matches(config.modules_to_save, n, m, heads)]
+    to_save = matching_modules(model, config.modules_to_save)
     params = dict(_plain_named_parameters(model))
-    embed_modules = {id(m) for m in (_call(model, "get_input_embeddings"), _call(model, "get_output_embeddings")) if m is not None}
-    embed_params = {f"{n}.weight": m.weight for n, m in _plain_modules(model)
-                    if id(_base_of(m)) in embed_modules or id(m) in embed_modules
-                    for m in [_base_of(m)] if getattr(m, "weight", None) is not None}
+    embed_modules = {id(m) for m in (_call(model, "get_input_embeddings"), output_head(model)) if m is not None}
+    embed_params = {f"{n}.weight": m.weight for n, m in plain_modules(model)
+                    if id(base_of(m)) in embed_modules or id(m) in embed_modules
+                    for m in [base_of(m)] if getattr(m, "weight", None) is not None}
     for key in keys:
         full = keys[key]
         if full in plan:
@@ -372,10 +307,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     where = str(directory)
     _check_identity(model, metadata, where)
     plan = _plan_load(model, config, tensors, where)
-    previous = tuple(getattr(model, "lorakit_active", ()))
+    previous = active_adapters(model)
     init = config.init_lora_weights
     # Factors are overwritten below; pissa/olora must still run to give the same residual base as training had.
-    config.init_lora_weights = init if init in ("pissa", "olora") else "kaiming"
+    config.init_lora_weights = init if init in BASE_INITS else "kaiming"
     inject(model, config, adapter_name)
     config.init_lora_weights = init
     params = dict(model.named_parameters())
@@ -395,7 +330,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
                 A, B = module.factors(adapter_name)
                 dst = A if kind in (".lora_A.weight", ".lora_embedding_A") else B
             dst.copy_(t.to(dtype=dst.dtype, device=dst.device))
-    from lorakit.adapters import set_adapter
     if activate or (activate is None and not previous):
         set_adapter(model, adapter_name)
     else:
