@@ -110,7 +110,7 @@ def test_bad_rows_exit_2_naming_file_row_and_field(tmp_path, capsys, row, argv, 
 
 @pytest.fixture(scope="module")
 def smollm2_tok():
-    from lorakit.tokenizer_loading import load_tokenizer
+    from lorakit.loading.tokenizer import load_tokenizer
     return load_tokenizer(None)
 
 

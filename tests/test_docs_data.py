@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lorakit.cli import main
-from lorakit.tokenizer_loading import load_tokenizer
+from lorakit.loading.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = [line.strip() for line in (ROOT / "docs" / "DATA.md").read_text(encoding="utf-8").splitlines()
@@ -24,7 +24,7 @@ def test_the_doc_has_commands_for_every_form():
 @pytest.mark.parametrize("command", COMMANDS)
 def test_doc_command_runs(command, monkeypatch, capsys):
     pytest.importorskip("datasets")
-    import lorakit.tokenizer_loading as tl
+    import lorakit.loading.tokenizer as tl
     monkeypatch.setattr(tl, "load_tokenizer", _cached_tokenizer)  # the same tokenizer, read once for all commands
     monkeypatch.chdir(ROOT)
     argv = shlex.split(command)[1:]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.adapter_paths import resolve_adapter_dir, run_dir_of
+from lorakit.io.adapter_paths import resolve_adapter_dir, run_dir_of
 from lorakit.cli import main
 from lorakit.errors import AdapterFileError
 from lorakit.train.report import read_metrics
@@ -178,6 +178,7 @@ def test_adapter_paths_accept_run_checkpoint_and_adapter_folders(files, tmp_path
 
 
 def test_bad_data_fails_before_the_model_loads(files, tmp_path, capsys, monkeypatch):
+    import lorakit.loading.pretrained
     import lorakit.models
     folder = Path(files["model"])
     bare = tmp_path / "no-weights"  # config + tokenizer, no weights: loading it would fail (or take minutes)
@@ -186,7 +187,8 @@ def test_bad_data_fails_before_the_model_loads(files, tmp_path, capsys, monkeypa
         if not f.name.endswith(".safetensors"):
             (bare / f.name).write_bytes(f.read_bytes())
     loads = []
-    monkeypatch.setattr(lorakit.models, "load_model", lambda *a, **k: loads.append(a) or 1 / 0)
+    for module in (lorakit.models, lorakit.loading.pretrained):
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: loads.append(a) or 1 / 0)
     bad = write_jsonl(tmp_path / "bad.jsonl", alpaca_rows(3) + [{"instruction": "x", "output": 5}])
     rc, out, err = cli(capsys, "train", "--model", str(bare), "--data", str(bad), "--out", str(tmp_path / "r"))
     assert rc == 2 and f"{bad}, line 4, field 'output'" in err and loads == []

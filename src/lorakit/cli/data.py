@@ -44,7 +44,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Runs `lorakit data`; returns the exit status."""
     from lorakit.errors import ConfigError
-    from lorakit.tokenizer_loading import load_tokenizer
+    from lorakit.loading.tokenizer import load_tokenizer
     from lorakit.train.data import embedded_dataset, load_records
     from lorakit.train.formats import parse_columns
     from lorakit.train.preview import counts_line, data_preview, plain_text, token_runs

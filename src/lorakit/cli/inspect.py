@@ -86,7 +86,7 @@ def _print(report: dict) -> None:
 
 def run(args) -> int:
     """Prints the adapter report (or JSON); returns 0, or 1 when problems were found."""
-    from lorakit.adapter_paths import resolve_adapter_dir
+    from lorakit.io.adapter_paths import resolve_adapter_dir
     report = adapter_report(resolve_adapter_dir(args.adapter_dir), allow_pickle=args.allow_pickle)
     if args.json:
         print(json.dumps(report, indent=2, default=str))

@@ -48,7 +48,7 @@ def merge_to_folder(base: str | None, adapter: str, out: str, dtype: str = "floa
 
 
 def run(args) -> int:
-    from lorakit.adapter_paths import resolve_adapter_dir
+    from lorakit.io.adapter_paths import resolve_adapter_dir
     merge_to_folder(args.base, str(resolve_adapter_dir(args.adapter)), args.out, args.dtype, args.allow_pickle, args.trust_remote_code,
                     quantize=args.quantize)
     return 0

@@ -49,7 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatches to analyse, compress or compare; returns the exit status."""
-    from lorakit.adapter_paths import resolve_adapter_dir  # run, checkpoint or adapter folders
+    from lorakit.io.adapter_paths import resolve_adapter_dir  # run, checkpoint or adapter folders
 
     if args.energy is not None:
         R.check_energy(args.energy)

@@ -156,7 +156,7 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
     seed_everything(o.seed)
 
     # -- data first (with the tokenizer alone: a bad row fails in seconds, not after an 8B load), then the model
-    from lorakit.tokenizer_loading import load_tokenizer
+    from lorakit.loading.tokenizer import load_tokenizer
     from lorakit.train.progress_log import PlainProgress, is_terminal, quiet_third_party_progress
     from lorakit.train.trackers import TrackedMetrics, Trackers, resolve_report_to
     quiet_third_party_progress()
@@ -428,7 +428,7 @@ def load_for_inference(model_spec: str | None, adapter: str | None, template: st
     from lorakit.models import load_model
     from lorakit.train.options import read_config_file
 
-    from lorakit.adapter_paths import resolve_adapter_dir, run_dir_of
+    from lorakit.io.adapter_paths import resolve_adapter_dir, run_dir_of
 
     run_cfg = {}
     if adapter:  # a run, checkpoint or adapter folder; the run's config.yaml (if any) names how it trained

@@ -67,7 +67,7 @@ def load_dataset_rows(spec: str | os.PathLike, split: str | None = None, config:
                       prefer: str = "train"):
     """Returns a `datasets.Dataset` for `spec` (file, folder or hub id); DataError with one clear message."""
     datasets = _datasets()
-    from lorakit.models import hub_reachable
+    from lorakit.loading.pretrained import hub_reachable
 
     p = Path(spec).expanduser()
     where = str(spec)

@@ -6,7 +6,7 @@
     a folder                      AutoTokenizer.from_pretrained(folder) (config.json + tokenizer files)
     a hub id                      AutoTokenizer.from_pretrained(id), from the local cache when the hub is unreachable
 
-The pad token is set as lorakit.models.load_model sets it (EOS when the tokenizer has none), so data
+The pad token is set as lorakit.loading.pretrained.load_model sets it (EOS when the tokenizer has none), so data
 tokenized with this tokenizer is token for token what the model's own tokenizer gives.
 """
 from __future__ import annotations
@@ -18,14 +18,14 @@ from lorakit.errors import ModelLoadError
 
 
 def load_tokenizer(spec: str | os.PathLike | None = None, *, trust_remote_code: bool = False):
-    """Returns the tokenizer for a model spec (as lorakit.models.load_model takes it), without the weights.
+    """Returns the tokenizer for a model spec (as lorakit.loading.pretrained.load_model takes it), without the weights.
 
     A spec whose tokenizer does not load on its own (a missing path, a broken file) goes to load_model, so
     the error is the one `lorakit train` has always given for it (ModelLoadError naming the path and why).
     """
     from transformers import AutoTokenizer
 
-    from lorakit.models import EMBEDDED_NAMES, embedded_model_path, hub_reachable, load_model
+    from lorakit.loading.pretrained import EMBEDDED_NAMES, embedded_model_path, hub_reachable, load_model
 
     text = "default" if spec is None else str(spec)
     path = Path(text).expanduser()
