@@ -193,3 +193,36 @@ def test_bad_data_fails_before_the_model_loads(files, tmp_path, capsys, monkeypa
     rc, out, err = cli(capsys, "train", "--model", str(bare), "--data", str(bad), "--out", str(tmp_path / "r"))
     assert rc == 2 and f"{bad}, line 4, field 'output'" in err and loads == []
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("tracker", ["mlflow", "trackio", "wandb"])
+def test_a_resumed_run_goes_on_in_the_same_tracker_run(tmp_path, monkeypatch, tracker):
+    pytest.importorskip(tracker)
+    from lorakit.train.trackers import Trackers
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "resumed"
+    for steps, resume in (((1, 2), False), ((3, 4), True)):
+        t = Trackers([tracker], out, {"r": 4}, resume=resume)
+        for s in steps:
+            t.log({"step": s, "loss": 1.0 / s})
+        where = t.where()[tracker]
+        t.close()
+    if tracker == "mlflow":
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(tracking_uri=where)
+        runs = client.search_runs([client.get_experiment_by_name("lorakit").experiment_id])
+        assert len(runs) == 1
+        steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+    elif tracker == "trackio":
+        from trackio.sqlite_storage import SQLiteStorage
+        steps = [r["step"] for r in SQLiteStorage.get_logs("lorakit", "resumed")]
+    else:
+        logs = sorted(Path(where).glob("offline-run-*/run-*.wandb"))
+        ids = {p.stem for p in logs}
+        assert len(ids) == 1, ids  # one run id, written by both processes
+        steps = []
+        for log in logs:
+            steps += [json.loads(i.value_json) for rec in wandb_records(log) if rec.HasField("history")
+                      for i in rec.history.item if (i.key or "/".join(i.nested_key)) == "_step"]
+    assert sorted(steps) == [1, 2, 3, 4]

@@ -188,7 +188,7 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
     n_steps = total_steps(len(train_ex), o.batch_size, o.grad_accum, o.max_steps, o.epochs, world)
     do_acc = o.accuracy and bool(data["eval_records"])
     acc_args = dict(template=o.template, system=o.system, batch_size=o.eval_batch_size, max_new_tokens=o.max_new_tokens)
-    trackers = Trackers(report_to, out, o.to_dict()) if main and report_to else None
+    trackers = Trackers(report_to, out, o.to_dict(), resume=ckpt is not None) if main and report_to else None
     metrics = TrackedMetrics(MetricsLog(out, enabled=main), trackers)
     results = {"options": o.to_dict(), "command": command or "lorakit train", "world_size": world,
                "model_name": getattr(model.config, "_name_or_path", o.model),

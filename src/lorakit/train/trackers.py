@@ -10,6 +10,8 @@ the before/after accuracy prefixed with its phase) at its step, and the run's op
                  was not imported yet), project 'lorakit'                                      extra: trackio
     wandb        offline run under <run>/wandb/ ($WANDB_MODE honoured; `wandb sync` uploads)   extra: wandb
 
+A resumed run (--resume) goes on in the same tracker run where the tracker can (MLflow: the run of that
+name, trackio: resume="allow", wandb: the run id kept in <run>/wandb/lorakit-run-id); TensorBoard appends.
 `all` = every installed one; `none` = no tracker. A tracker that is asked for but not installed raises
 ConfigError naming its pip extra, before any model or data is loaded.
 """
@@ -79,7 +81,7 @@ def scalars(record: dict) -> tuple[int, dict[str, float]]:
 
 
 class _TensorBoard:
-    def __init__(self, out: Path, run_name: str, config: dict) -> None:
+    def __init__(self, out: Path, run_name: str, config: dict, resume: bool) -> None:
         from torch.utils.tensorboard import SummaryWriter
         self.where = out / "tensorboard"
         self.writer = SummaryWriter(log_dir=str(self.where))
@@ -94,7 +96,7 @@ class _TensorBoard:
 
 
 class _MLflow:
-    def __init__(self, out: Path, run_name: str, config: dict) -> None:
+    def __init__(self, out: Path, run_name: str, config: dict, resume: bool) -> None:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
         self.where = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out / 'mlflow.db').resolve()}"
@@ -102,6 +104,11 @@ class _MLflow:
         exp = self.client.get_experiment_by_name(PROJECT)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(
             PROJECT, artifact_location=(out / "mlruns").resolve().as_uri())
+        earlier = self.client.search_runs([exp_id], f"attributes.run_name = '{run_name}'") if resume else []
+        if earlier:
+            self.run_id = earlier[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            return  # its params were logged by the first run (MLflow params cannot change)
         self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
         params = [Param(k, json.dumps(v, default=str)[:6000] if not isinstance(v, str) else v[:6000])
                   for k, v in sorted(config.items())]
@@ -120,7 +127,7 @@ class _MLflow:
 
 
 class _Trackio:
-    def __init__(self, out: Path, run_name: str, config: dict) -> None:
+    def __init__(self, out: Path, run_name: str, config: dict, resume: bool) -> None:
         import sys
         if "trackio" not in sys.modules:  # its store is fixed at import: put it in the run folder
             os.environ.setdefault("TRACKIO_DIR", str((out / "trackio").resolve()))
@@ -128,7 +135,7 @@ class _Trackio:
         self.trackio = trackio
         with contextlib.redirect_stdout(io.StringIO()):  # trackio prints dashboard hints to stdout
             self.run = trackio.init(project=PROJECT, name=run_name, config=config, embed=False,
-                                    auto_log_gpu=False, auto_log_cpu=False)
+                                    resume="allow" if resume else "never", auto_log_gpu=False, auto_log_cpu=False)
         from trackio.utils import TRACKIO_DIR
         self.where = str(TRACKIO_DIR)
 
@@ -141,11 +148,16 @@ class _Trackio:
 
 
 class _WandB:
-    def __init__(self, out: Path, run_name: str, config: dict) -> None:
+    def __init__(self, out: Path, run_name: str, config: dict, resume: bool) -> None:
         import wandb
         mode = os.environ.get("WANDB_MODE", "offline")
-        self.run = wandb.init(project=PROJECT, name=run_name, dir=str(out), config=config, mode=mode,
+        id_file = out / "wandb" / "lorakit-run-id"
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
+        self.run = wandb.init(project=PROJECT, name=run_name, dir=str(out), config=config, mode=mode, id=run_id,
+                              resume="allow" if run_id else None,
                               settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(self.run.id + "\n")
         self.where = str(out / "wandb")
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -161,12 +173,12 @@ _CLASSES = {"tensorboard": _TensorBoard, "mlflow": _MLflow, "trackio": _Trackio,
 class Trackers:
     """The open trackers of one run: log(record) sends a metrics.jsonl record to each, close() ends them."""
 
-    def __init__(self, names, out: str | os.PathLike, config: dict, run_name: str | None = None) -> None:
+    def __init__(self, names, out: str | os.PathLike, config: dict, run_name: str | None = None,
+                 resume: bool = False) -> None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         self.names = resolve_report_to(names)
-        self.open = {n: _CLASSES[n](out, run_name or out.name, config) for n in self.names}
-        self.last_step = -1
+        self.open = {n: _CLASSES[n](out, run_name or out.name, config, resume) for n in self.names}
 
     def where(self) -> dict[str, str]:
         """Returns {tracker: where its data is}."""
