@@ -154,3 +154,11 @@ def test_data_show_marks_trained_tokens_and_counts(tmp_path, capsys, smollm2_tok
     got = json.loads(out)
     assert got["format"] == "sharegpt" and got["counts"]["rows"] == 2 and got["counts"]["truncated"] == 2
     assert len(got["rows"]) == 2 and got["counts"]["trained_tokens"] < got["counts"]["tokens"]
+
+
+def test_data_show_on_a_terminal_colours_the_trained_tokens(tmp_path, capsys, monkeypatch, smollm2_tok):
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich treats the output as a terminal
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    rc, out, err = cli(capsys, "data", write_jsonl(tmp_path / "s.jsonl", [SHAREGPT]), "--show", "1")
+    assert rc == 0, err
+    assert "\x1b[1;32mhello<|im_end|>" in out and "⟦" not in out and "trained tokens in green" in out

@@ -48,7 +48,6 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.data import embedded_dataset, load_records
     from lorakit.train.formats import parse_columns
     from lorakit.train.preview import counts_line, data_preview, plain_text, token_runs
-    from lorakit.train.progress_log import is_terminal, quiet_third_party_progress
 
     if args.show < 0 or args.max_seq_len < 1:
         raise ConfigError("--show must be >= 0 and --max-seq-len >= 1")
@@ -56,7 +55,6 @@ def run(args: argparse.Namespace) -> int:
         columns = parse_columns(args.columns)
     except ValueError as e:
         raise ConfigError(f"--columns: {e}") from None
-    quiet_third_party_progress()
     if args.data is None:
         records, kind, skipped, name = embedded_dataset()["train"], "alpaca", 0, "embedded default training data"
     else:
@@ -76,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.text import Text
 
     console = Console(highlight=False, soft_wrap=True)
-    color = is_terminal() and console.is_terminal
+    color = console.is_terminal  # a terminal (or FORCE_COLOR): colours; a pipe or file: ⟦ ⟧ markers
     model = "the embedded SmolLM2-135M-Instruct" if args.model.lower() in ("default", "smollm2") else args.model
     console.print(f"{name}: {kind} rows, rendered with the tokenizer of {model} "
                   f"({'trained tokens in green' if color else 'trained tokens inside ⟦ ⟧'})", markup=False)
