@@ -60,6 +60,19 @@ def wandb_records(path: Path):
             buf = b""
 
 
+def wandb_logs(folder: Path, timeout: float = 60.0) -> list[Path]:
+    """Returns the offline .wandb files under `folder` once each holds its run's exit record: wandb's service
+    process finishes writing them after Run.finish() returns."""
+    import time
+    deadline = time.time() + timeout
+    while True:
+        logs = sorted(Path(folder).glob("offline-run-*/run-*.wandb"))
+        done = [any(r.HasField("exit") for r in wandb_records(p)) for p in logs]
+        if (logs and all(done)) or time.time() > deadline:
+            return logs
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("tracker", ["tensorboard", "mlflow", "trackio", "wandb"])
 def test_each_tracker_writes_a_readable_run(files, tmp_path, capsys, monkeypatch, tracker):
     pytest.importorskip(tracker)
@@ -88,7 +101,7 @@ def test_each_tracker_writes_a_readable_run(files, tmp_path, capsys, monkeypatch
         got = {r["step"]: r["loss"] for r in SQLiteStorage.get_logs("lorakit", out.name) if "loss" in r}
         assert SQLiteStorage.get_run_config("lorakit", out.name)["r"] == 4
     else:
-        [log] = Path(where).glob("offline-run-*/run-*.wandb")
+        [log] = wandb_logs(Path(where))
         got, config = {}, {}
         for rec in wandb_records(log):
             if rec.HasField("history"):
@@ -218,7 +231,7 @@ def test_a_resumed_run_goes_on_in_the_same_tracker_run(tmp_path, monkeypatch, tr
         from trackio.sqlite_storage import SQLiteStorage
         steps = [r["step"] for r in SQLiteStorage.get_logs("lorakit", "resumed")]
     else:
-        logs = sorted(Path(where).glob("offline-run-*/run-*.wandb"))
+        logs = wandb_logs(Path(where))
         ids = {p.stem for p in logs}
         assert len(ids) == 1, ids  # one run id, written by both processes
         steps = []
