@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from lorakit.train.progress_log import quiet_third_party_progress
+    from lorakit.train.progress import quiet_third_party_progress
     quiet_third_party_progress()  # in a log (stderr not a terminal): no third-party progress bars
     try:
         return int(args.func(args) or 0)

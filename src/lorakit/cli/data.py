@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.errors import ConfigError
     from lorakit.loading.tokenizer import load_tokenizer
     from lorakit.train.data import embedded_dataset, load_records
-    from lorakit.train.formats import parse_columns
+    from lorakit.train.data.columns import parse_columns
     from lorakit.train.preview import counts_line, data_preview, plain_text, token_runs
 
     if args.show < 0 or args.max_seq_len < 1:

@@ -49,7 +49,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     """Returns {accuracy, loss, n, per_task, model, adapter, data} for the parsed arguments."""
     from lorakit.errors import ConfigError, DataError
     from lorakit.train.data import embedded_dataset, load_records, tokenize_records
-    from lorakit.train.loop import evaluate_accuracy, evaluate_loss
+    from lorakit.train.evaluate import evaluate_accuracy, evaluate_loss
     from lorakit.train.recipe import load_for_inference
 
     for name in ("batch_size", "max_new_tokens", "max_seq_len"):
@@ -58,7 +58,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.data is None:
         records = embedded_dataset()["eval"]
     else:
-        from lorakit.train.formats import parse_columns
+        from lorakit.train.data.columns import parse_columns
         try:
             columns = parse_columns(args.columns)
         except ValueError as e:

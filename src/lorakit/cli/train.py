@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if (getattr(args, "nproc", None) or 1) > 1:  # distributed: relaunch under torchrun (lorakit.train.distributed)
         from lorakit.train.distributed import launch_local
         return launch_local(args.nproc, options)
-    from lorakit.train.loop import is_main_process
+    from lorakit.train.runtime import is_main_process
     # under torchrun only rank 0 prints; in a log file (not a terminal) lines are not cut at 80 columns
     console = Console(stderr=False, quiet=not is_main_process(), soft_wrap=not sys.stdout.isatty())
     results = train(options, command=command_line(options), console=console)

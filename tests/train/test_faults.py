@@ -31,7 +31,7 @@ def _train(files: dict, out: Path, *extra: str) -> list[str]:
 
 
 def _env() -> dict:
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_VERBOSITY": "error", "COLUMNS": "300", "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
 

@@ -1,10 +1,10 @@
-"""bench/results.py's pure helpers: the numbers the generated docs quote come from these."""
+"""bench/evidence.py's pure helpers: the numbers the generated docs quote come from these."""
 import importlib.util
 from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("bench_results", Path(__file__).parent.parent / "bench" / "results.py")
+_spec = importlib.util.spec_from_file_location("bench_evidence", Path(__file__).resolve().parents[2] / "bench" / "evidence.py")
 results = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(results)
 

@@ -23,7 +23,7 @@ COMMON = dict(template="alpaca", max_steps=8, grad_accum=2, warmup_steps=0, lr=1
               init_lora_weights="gaussian", accuracy=False, baseline_eval=False, progress=False, save_every=2,
               keep_checkpoints=0, eval_data=None)
 WORLD = 2
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/, where train_fixtures lives
 
 
 def _options(folder: Path, out: str, batch_size: int, **extra):

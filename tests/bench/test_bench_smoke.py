@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def test_bench_qlora_small_runs_both_modes(tmp_path):
@@ -54,8 +54,8 @@ def test_lorakit_bench_small_reports_every_mode(tmp_path):
 
 def test_gpu_preset_and_device_options_reach_the_workers(capsys):
     import torch
-    from lorakit.cli.bench import _load
-    bench = _load()  # bench/bench_train.py as a module, as `lorakit bench` loads it
+    from lorakit.cli.bench import load_bench_script
+    bench = load_bench_script()  # bench/bench_train.py as a module, as `lorakit bench` loads it
     a = bench.parse(["--preset", "1b", "--dtype", "bfloat16"])
     assert (a.hidden, a.layers, a.heads, a.kv_heads, a.vocab) == (2048, 16, 32, 8, 128256)
     argv = bench.worker_argv(a)

@@ -74,7 +74,7 @@ def test_embedded_counts_per_task(embedded):
 
 
 def test_embedded_split_is_deterministic_and_disjoint(embedded):
-    D._embedded.cache_clear()
+    D.embedded_split.cache_clear()
     again = D.embedded_dataset()
     assert again == embedded
     train_keys = {(r["task"], r["input"]) for r in embedded["train"]}

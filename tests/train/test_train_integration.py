@@ -14,7 +14,9 @@ import torch
 import lorakit
 from lorakit.compiling import has_cxx_compiler
 from lorakit.train import checkpoint as ck
+from lorakit.train import evaluate as evaluate_module
 from lorakit.train import loop, recipe
+from lorakit.train import step as step_module
 from lorakit.train.options import TrainOptions
 from lorakit.train.report import read_metrics
 from train_fixtures import alpaca_rows, write_jsonl, write_tiny_model
@@ -120,8 +122,9 @@ def test_batches_follow_the_model_device(monkeypatch):
     assert all(v.device.type == "meta" for v in moved.values()) and loop.to_device(batch, torch.device("cpu")) is batch
     # "meta" stands in for an accelerator: every batch of training and evaluation goes to the model's device
     calls, real = [], loop.to_device
-    monkeypatch.setattr(loop, "model_device", lambda m: torch.device("meta"))
-    monkeypatch.setattr(loop, "to_device", lambda b, d: calls.append(d) or real(b, torch.device("cpu")))
+    for module in (step_module, evaluate_module):
+        monkeypatch.setattr(module, "model_device", lambda m: torch.device("meta"))
+        monkeypatch.setattr(module, "to_device", lambda b, d: calls.append(d) or real(b, torch.device("cpu")))
     loop.train_step(model, [batch, batch], opt)
     loop.evaluate_loss(model, [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}], 4, 0)
     assert calls == [torch.device("meta")] * 3
@@ -143,7 +146,7 @@ def test_a_nan_on_another_rank_skips_the_step_here(monkeypatch):
         sums.append(values)
         return values[0] + float("nan"), values[1] + 1.0, values[2] + 10
 
-    monkeypatch.setattr(loop, "_global_sums", other_rank_bad)
+    monkeypatch.setattr(step_module, "global_sums", other_rank_bad)
     r = loop.train_step(model, [batch], opt)
     assert len(sums) == 1 and sums[0][1] == 0.0  # this rank was fine and said so
     assert not r.finite and r.input_tokens == 12 + 10
@@ -151,16 +154,16 @@ def test_a_nan_on_another_rank_skips_the_step_here(monkeypatch):
         if p.requires_grad:
             assert torch.equal(p, before[n])
 
-    monkeypatch.setattr(loop, "_global_sums", lambda *v: v)
+    monkeypatch.setattr(step_module, "global_sums", lambda *v: v)
     real = loop.loss_sum
-    monkeypatch.setattr(loop, "loss_sum", lambda m, b: (lambda loss, n: (loss * float("nan"), n))(*real(m, b)))
+    monkeypatch.setattr(step_module, "loss_sum", lambda m, b: (lambda loss, n: (loss * float("nan"), n))(*real(m, b)))
     r = loop.train_step(model, [batch, batch], opt)  # every micro-batch still runs its backward (collectives)
     assert not r.finite and r.bad == "the loss (parameters are finite)"
 
 
 def test_a_nan_on_one_of_two_ddp_ranks_stops_both_without_hanging(tmp_path):
     # a real 2-process gloo group (this file as torchrun's worker): rank 1 alone sees a NaN loss
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(__file__).parent),
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
                                                                              os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            __file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=180)
@@ -188,11 +191,11 @@ def _nan_worker(folder: Path) -> None:
     batches = [{"input_ids": (ids := torch.randint(3, 100, (2, 6), generator=g)), "labels": ids.clone()}
                for _ in range(2)]
     real = loop.loss_sum
-    loop.loss_sum = lambda m, b: (lambda loss, n: (loss * float("nan") if rank == 1 else loss, n))(*real(m, b))
+    step_module.loss_sum = lambda m, b: (lambda loss, n: (loss * float("nan") if rank == 1 else loss, n))(*real(m, b))
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     first = loop.train_step(ddp, batches, opt)
     same = all(torch.equal(a, p) for a, p in zip(before, (p for p in model.parameters() if p.requires_grad)))
-    loop.loss_sum = real
+    step_module.loss_sum = real
     second = loop.train_step(ddp, batches, opt)
     out = {"first": {"finite": first.finite, "input_tokens": first.input_tokens}, "second": second.finite,
            "same_after_skip": same, "weights": [p.detach().sum().item() for p in model.parameters() if p.requires_grad]}

@@ -14,6 +14,7 @@ import lorakit
 from lorakit.errors import ConfigError
 from lorakit.train import checkpoint as ck
 from lorakit.train import loop
+from lorakit.train import step as step_module
 from lorakit.train.data import tokenize_records
 from lorakit.train.options import TrainOptions, dump_yaml, load_options, lora_field_names
 from train_fixtures import alpaca_rows, tiny_model, tiny_tokenizer, write_jsonl, write_tiny_model
@@ -117,12 +118,12 @@ def test_loss_sum_chunked_head_gradients_equal_the_logits_path(tok, examples, pa
     model = lora_model(tok, dropout=0.0, init_lora_weights=False).train()
     model.lm_head.weight.requires_grad_(True)  # the head's own gradient goes through the chunked path too
     assert loop.chunked_head(model) == (model.model, model.lm_head)
-    monkeypatch.setattr(loop, "HEAD_BLOCK_ELEMENTS", 16 * len(tok))  # 16 rows per block: several blocks
+    monkeypatch.setattr(step_module, "HEAD_BLOCK_ELEMENTS", 16 * len(tok))  # 16 rows per block: several blocks
     batch = collate(pack_examples(examples[:6], 300) if packed else examples[:5], 0)
     results = []
     for split in (True, False):
         if not split:
-            monkeypatch.setattr(loop, "chunked_head", lambda m: None)
+            monkeypatch.setattr(step_module, "chunked_head", lambda m: None)
         model.zero_grad()
         loss, n = loop.loss_sum(model, batch)
         loss.backward()
@@ -288,7 +289,7 @@ def test_recipe_stops_on_nan_keeping_last_good_checkpoint(tmp_path, monkeypatch)
         loss, n = real(model, batch)
         return (loss * float("nan") if len(calls) == 3 else loss), n
 
-    monkeypatch.setattr(loop, "loss_sum", flaky)
+    monkeypatch.setattr(step_module, "loss_sum", flaky)
     with pytest.raises(loop.TrainingDiverged, match=r"step 3: .*step-000002"):
         recipe.train(_cli_options(tmp_path), console=None)
     assert [p.name for p in ck.list_checkpoints(tmp_path / "out")] == ["step-000002"]

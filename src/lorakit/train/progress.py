@@ -1,14 +1,15 @@
-"""Progress for logs: plain lines when the output is not a terminal, and quiet third-party progress bars.
+"""Training progress: a rich progress bar on a terminal, plain lines in a log, and quiet third-party bars.
 
-`lorakit train > train.log` (nohup, Slurm, CI) gets one line every N steps, as the HF Trainer and torchtune
-print them, instead of a progress bar that only draws on a terminal:
+    ProgressBar     loss, lr, tokens/s and ETA, drawn on a terminal
+    PlainProgress   `lorakit train > train.log` (nohup, Slurm, CI): one line every N steps, as the HF Trainer
+                    and torchtune print them:
 
-    step 12/60 (20%)  loss 1.8421  lr 9.55e-04  612 tok/s  elapsed 0:00:31  eta 0:02:04
+        step 12/60 (20%)  loss 1.8421  lr 9.55e-04  612 tok/s  elapsed 0:00:31  eta 0:02:04
 
-N = progress_every, else a twentieth of the run (at least 1); the first and the last step always print.
-Third-party bars (transformers weight loading, huggingface_hub downloads, datasets' map/generate, tqdm in
-GGUF conversion) are switched off when stderr is not a terminal (quiet_third_party_progress); lorakit's own
-progress stays.
+                    N = progress_every, else a twentieth of the run (at least 1); the first and the last step
+                    always print.
+    quiet_third_party_progress   transformers' weight loading, huggingface_hub downloads, datasets' file
+                    generation and tqdm bars are switched off when stderr is not a terminal.
 """
 from __future__ import annotations
 
@@ -16,6 +17,34 @@ import math
 import os
 import sys
 import time
+
+
+class ProgressBar:
+    """A rich progress bar (loss, lr, tokens/s, ETA) as a context manager; calling it updates the bar."""
+
+    def __init__(self, enabled: bool, total: int, start: int, console=None) -> None:
+        self.enabled, self.total, self.start, self.console = enabled, total, start, console
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+            self.p = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                              TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+                              TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"),
+                              TimeRemainingColumn(), console=self.console, transient=False)
+            self.p.__enter__()
+            self.task = self.p.add_task("train", total=self.total, completed=self.start, loss="-", lr="-", tps="-")
+        return self
+
+    def __call__(self, step: int, loss: float, lr: float, tps: float) -> None:
+        if self.enabled:
+            self.p.update(self.task, completed=step, loss=f"{loss:.4f}" if math.isfinite(loss) else "nan",
+                          lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.p.__exit__(*exc)
 
 
 def is_terminal(stream=None) -> bool:

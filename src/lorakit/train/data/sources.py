@@ -4,7 +4,7 @@
     --data some/folder                                 load_from_disk (saved by `datasets`) or load_dataset(FOLDER)
     --data tatsu-lab/alpaca [--data-split train] [--data-config NAME]    load_dataset(ID, NAME, split=SPLIT)
 
-Rows then go through the same validation as JSONL rows (lorakit.train.data.load_records), so an error
+Rows then go through the same validation as JSONL rows (lorakit.train.data.files.collect), so an error
 names the source, the row and the field. Without a network a hub id fails at once with one clear message.
 `datasets` (and pyarrow) come with the `data` extra: pip install 'lorakit[data]'.
 """
@@ -18,7 +18,7 @@ from typing import Iterable
 from lorakit.errors import DataError
 
 FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
-OWN_SUFFIXES = {".json", ".jsonl", ".txt", ".md", ".text", ".rst"}  # read by lorakit.train.data itself
+OWN_SUFFIXES = {".json", ".jsonl", ".txt", ".md", ".text", ".rst"}  # read by files.py itself
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 DATA_FILE_SUFFIXES = {".parquet", ".csv", ".tsv", ".json", ".jsonl", ".txt", ".arrow"}  # what load_dataset reads

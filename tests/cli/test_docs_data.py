@@ -10,7 +10,7 @@ import pytest
 from lorakit.cli import main
 from lorakit.loading.tokenizer import load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = [line.strip() for line in (ROOT / "docs" / "DATA.md").read_text(encoding="utf-8").splitlines()
             if line.startswith("    lorakit data ")]
 

@@ -138,7 +138,7 @@ def test_plain_progress_lines_when_stdout_is_not_a_terminal(files, tmp_path, cap
 def test_quiet_third_party_progress(monkeypatch):
     from transformers.utils import logging as hf_logging
 
-    from lorakit.train.progress_log import default_every, quiet_third_party_progress
+    from lorakit.train.progress import default_every, quiet_third_party_progress
     for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
         monkeypatch.setenv(name, "0")
     try:

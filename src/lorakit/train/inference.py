@@ -1,0 +1,52 @@
+"""Loading a trained adapter for generation and evaluation, with the run's own template, system and quantization."""
+from __future__ import annotations
+
+import sys
+
+from lorakit.errors import ConfigError
+from lorakit.io.adapter_paths import resolve_adapter_dir, run_dir_of
+from lorakit.train.options import load_options, read_config_file
+from lorakit.train.prepare import calibration_inputs, load_data, quantize_gptq, tokenize_training
+from lorakit.train.runtime import resolve_device
+
+
+def load_for_inference(model_spec: str | None, adapter: str | None, template: str | None = None,
+                       system: str | None = None, device: str = "auto", trust_remote_code: bool = False,
+                       quantize: str | None = None):
+    """Returns (model, tokenizer, template, system) with the adapter loaded; template/system default to the run's.
+
+    An adapter written by `lorakit train` sits in a run folder whose config.yaml names the template, system
+    prompt and quantization it was trained with; generation and evaluation use the same unless told otherwise
+    (quantize: "nf4" or "none"; None = the run's setting, else none).
+    """
+    if quantize not in (None, "none", "nf4", "nf4-gptq"):
+        raise ConfigError(f"--quantize {quantize!r}: choose none, nf4 or nf4-gptq")
+    import lorakit
+    from lorakit.loading.pretrained import load_model
+
+    run_cfg = {}
+    if adapter:  # a run, checkpoint or adapter folder; the run's config.yaml (if any) names how it trained
+        adapter = str(resolve_adapter_dir(adapter))
+        run_dir = run_dir_of(adapter)
+        if run_dir is not None:
+            try:
+                run_cfg = read_config_file(run_dir / "config.yaml")
+            except ConfigError:
+                pass
+    model, tokenizer = load_model(model_spec or run_cfg.get("model") or "default", trust_remote_code=trust_remote_code)
+    model.to(resolve_device(device))
+    how = quantize or run_cfg.get("quantize")
+    if how == "nf4":
+        from lorakit.model.quantize import quantize as quantize_model
+        model = quantize_model(model) or model
+    elif how == "nf4-gptq":  # the same base the adapter trained on: GPTQ on the run's own calibration rows
+        o = load_options(base={k: v for k, v in run_cfg.items() if k != "resume"})
+        train_ex, _ = tokenize_training(o, load_data(o, tokenizer, lambda *a, **k: None)["train_records"], tokenizer)
+        if not train_ex:
+            raise ConfigError("--quantize nf4-gptq needs the run's training data for calibration; none was found")
+        quantize_gptq(model, calibration_inputs(train_ex, o.quant_calibration),
+                      log=lambda msg: print(msg, file=sys.stderr))  # stdout may be --json
+    if adapter:
+        lorakit.load_adapter(model, adapter)
+    model.eval()
+    return model, tokenizer, template or run_cfg.get("template", "auto"), system or run_cfg.get("system")
