@@ -8,7 +8,7 @@ from lorakit import adaptive, adapters, checkpointing, compiling, functional, fu
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, ConfigError, DataError, LorakitError, ModelLoadError
 from lorakit.io import load_adapter, read_adapter, resolve_adapter_dir, save_adapter, write_adapter
-from lorakit.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, LoraMergedLinear
+from lorakit.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, LoraMergedLinear, LoraParam
 from lorakit.model.activation_checkpointing import enable_gradient_checkpointing
 from lorakit.model.adapters import combine_adapters, delete_adapter, disable_adapters, switch_merged_adapter
 from lorakit.model.compiling import compile_blocks, uncompile_blocks
@@ -31,6 +31,6 @@ __all__ = [
     "resolve_adapter_dir",
     "fuse_shared_inputs", "unfuse", "enable_gradient_checkpointing", "compile_blocks",
     "uncompile_blocks", "quantize", "dequantize", "memory_report", "format_memory_report", "enable_adaptive_rank",
-    "LoraLayer", "LoraLinear", "LoraMergedLinear", "LoraEmbedding", "LoraConv",
+    "LoraLayer", "LoraLinear", "LoraMergedLinear", "LoraEmbedding", "LoraConv", "LoraParam",
     "LorakitError", "ConfigError", "DataError", "AdapterFileError", "ModelLoadError",
 ]

@@ -21,7 +21,7 @@ _PEFT_INERT = {
     "alora_invocation_tokens": (None,), "arrow_config": (None,), "corda_config": (None,), "eva_config": (None,),
     "kasa_config": (None,), "layer_replication": (None,), "loftq_config": ({}, None), "lora_bias": (False,),
     "lora_ga_config": (None,), "megatron_config": (None,), "monteclora_config": (None,),
-    "target_parameters": (None, []), "trainable_token_indices": (None,), "use_bdlora": (None, False),
+    "trainable_token_indices": (None,), "use_bdlora": (None, False),
     "use_qalora": (False,), "velora_config": (None,),
 }
 # PEFT fields that carry no meaning for lorakit's math and are ignored on load.
@@ -38,6 +38,9 @@ class LoraConfig:
     target_modules: a list of module-name suffixes ("q_proj" matches "model.layers.0.self_attn.q_proj"),
         a string regex that must match the FULL module name, "all-linear" (every linear layer except the
         output head), or None (a per-architecture default: the attention query and value projections).
+    target_parameters: PEFT's LoRA on parameters: names of module parameters, matched as suffixes
+        ("experts.gate_up_proj" matches "model.layers.0.mlp.experts.gate_up_proj"); 3-D expert tensors get one
+        rank-r update per expert (see lorakit.layers.param). With target_modules=None only these are adapted.
     enable_lora: lorakit's fused-projection option (loralib's MergedLinear): {name pattern: [True, False, True]}
         adapts only the chosen equal slices of a fused output, e.g. q and v of GPT-2's `c_attn`.
     """
@@ -47,6 +50,7 @@ class LoraConfig:
     lora_dropout: float = 0.0
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
+    target_parameters: list[str] | None = None
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -70,6 +74,12 @@ class LoraConfig:
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.target_parameters, (set, tuple)):
+            self.target_parameters = sorted(self.target_parameters)
+        if self.target_parameters == []:
+            self.target_parameters = None
+        if self.target_modules == [] and self.target_parameters:  # PEFT writes [] when only parameters are targeted
+            self.target_modules = None
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
             self.layers_to_transform = [self.layers_to_transform]
         if isinstance(self.modules_to_save, (set, tuple)):
@@ -110,6 +120,9 @@ class LoraConfig:
                         bad(name, f"{value!r} is not a valid regular expression ({e})")
             elif not (isinstance(value, list) and value and all(isinstance(t, str) and t for t in value)):
                 bad(name, f"must be a non-empty list of module names, a regex string or 'all-linear', got {value!r}")
+        if self.target_parameters is not None and not (
+                isinstance(self.target_parameters, list) and all(isinstance(t, str) and t for t in self.target_parameters)):
+            bad("target_parameters", f"must be a list of parameter names, got {self.target_parameters!r}")
         if self.layers_to_transform is not None:
             if not (isinstance(self.layers_to_transform, list)
                     and all(_is_int(i) and i >= 0 for i in self.layers_to_transform)):
@@ -158,8 +171,10 @@ class LoraConfig:
         d["init_lora_weights"] = {"kaiming": True, "none": False}.get(init, init)
         if isinstance(d["target_modules"], list):
             d["target_modules"] = sorted(d["target_modules"])
+        if d["target_parameters"] is not None:
+            d["target_parameters"] = sorted(d["target_parameters"])
         d.update(peft_type="LORA", lora_bias=False, layer_replication=None, loftq_config={},
-                 megatron_config=None, megatron_core="megatron.core", target_parameters=None,
+                 megatron_config=None, megatron_core="megatron.core",
                  trainable_token_indices=None, use_qalora=False, qalora_group_size=16, eva_config=None,
                  corda_config=None, auto_mapping=None)
         return d

@@ -27,6 +27,7 @@ COMMANDS = {
     "search": "search",
     "bench": "bench",
     "data": "data",
+    "export": "export",
 }
 
 

@@ -1,4 +1,9 @@
-"""`lorakit merge --base MODEL --adapter DIR --out DIR`: a plain transformers folder with the adapter folded in."""
+"""`lorakit merge --base MODEL --adapter DIR --out DIR`: a plain transformers folder with the adapter folded in.
+
+A base stored as safetensors (a folder, a .gguf converted to the cache, the embedded default) is merged shard by
+shard (lorakit.deploy.sharded_merge: one shard in memory, the base's sharding and dtype unless --dtype); other
+cases (--quantize nf4, hub ids, GPT-2 style fused layers) load the model and merge in memory.
+"""
 from __future__ import annotations
 
 import shutil
@@ -47,9 +52,31 @@ def merge_to_folder(base: str | None, adapter: str, out: str, dtype: str = "floa
     return path
 
 
+_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 def run(args) -> int:
     from lorakit.io.adapter_paths import resolve_adapter_dir
-    merge_to_folder(args.base, str(resolve_adapter_dir(args.adapter)), args.out, args.dtype, args.allow_pickle, args.trust_remote_code,
+    adapter = str(resolve_adapter_dir(args.adapter))  # a run, checkpoint or adapter folder
+    dtype = _DTYPE_NAMES.get(args.dtype, args.dtype)
+    if args.quantize == "none" and not args.trust_remote_code:
+        from lorakit.deploy.deltas import NotStreamableError
+        from lorakit.deploy.sharded_merge import merge_sharded
+        from lorakit.deploy.sources import base_folder
+        from lorakit.errors import ModelLoadError
+        try:
+            folder = base_folder(args.base)
+        except ModelLoadError:
+            folder = None  # a hub id or an unusual folder: the in-memory path reports what is wrong
+        if folder is not None and '"auto_map"' in (folder / "config.json").read_text():
+            folder = None  # a model with its own code: the in-memory path refuses it unless --trust-remote-code
+        if folder is not None:
+            try:
+                merge_sharded(folder, adapter, args.out, dtype, args.allow_pickle)
+                return 0
+            except NotStreamableError as e:
+                print(f"{e} Merging in memory instead.")
+    merge_to_folder(args.base, adapter, args.out, dtype or "float32", args.allow_pickle, args.trust_remote_code,
                     quantize=args.quantize)
     return 0
 
@@ -64,8 +91,9 @@ def add_parser(subparsers) -> None:
                                                 "omit for the embedded default (smollm2)")
     p.add_argument("--adapter", required=True, help="adapter folder (PEFT format), a run folder or a checkpoint folder")
     p.add_argument("--out", required=True, help="output folder for the merged model (replaced atomically)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the saved weights (default: float32)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32", "float32", "bfloat16", "float16"],
+                   help="dtype of the saved weights (default: the base checkpoint's own dtype when it is merged shard "
+                        "by shard, else fp32)")
     p.add_argument("--quantize", default="none", choices=["none", "nf4"],
                    help="nf4: merge into the NF4-rounded base a QLoRA adapter was trained on (written dequantized, "
                         "in --dtype); none: into the original weights (default: none)")

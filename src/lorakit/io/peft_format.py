@@ -1,7 +1,8 @@
 """Adapters on disk, in PEFT's format: adapter_config.json + adapter_model.safetensors.
 
 Keys are PEFT's (`base_model.model.<module>.lora_A.weight`, `...lora_embedding_A`, `...lora_magnitude_vector`,
-`base_model.model.<modules_to_save module>.<param>`), so an adapter written here loads in PEFT, vLLM and
+`base_model.model.<modules_to_save module>.<param>`; parameter targets as PEFT's ParamWrapper names them,
+`...mlp.experts[.base_layer].lora_A.weight`), so an adapter written here loads in PEFT, vLLM and
 llama.cpp's converter, and one written by PEFT loads here. Writes are atomic (lorakit.io.atomic: temporary folder, fsync,
 rename): an interrupted save never leaves a half-written adapter. Loading validates everything before it
 touches the model, so a bad file leaves the model unchanged.
@@ -21,11 +22,14 @@ from torch import nn
 from lorakit.config import LoraConfig, alpha_for_scale
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.io.atomic import atomic_write_dir
-from lorakit.layers import LoraLayer, LoraMergedLinear, ModulesToSave
-from lorakit.layers.registry import kind_of_base, kind_of_layer
-from lorakit.model.inject import inject
-from lorakit.model.state import active_adapters, adapter_configs, check_adapter_name, set_adapter
-from lorakit.model.targets import base_of, find_targets, matching_modules, output_head, plain_modules
+from lorakit.layers import LoraLayer, LoraLinear, LoraMergedLinear, LoraParam, ModulesToSave
+from lorakit.layers.param import owner_of
+from lorakit.layers.registry import KINDS, kind_of_base, kind_of_layer
+from lorakit.model.inject import inject, wrapper_paths
+from lorakit.model.state import active_adapters, adapter_configs, check_adapter_name, lora_layers, set_adapter
+from lorakit.model.targets import (base_of, drop_inside_saved, expand_all_linear, find_parameter_targets,
+                                   find_targets, matching_modules, output_head, plain_modules, skipped_linears,
+                                   split_linear_weights)
 from lorakit.ops.nf4 import numel_4bit_aware
 from lorakit.variants.init import BASE_INITS
 
@@ -146,9 +150,44 @@ def _plain_named_parameters(model):
             yield (f"{mname}.{pname}" if mname else pname), p
 
 
+# Leaf names that PEFT's transformers-v5 conversion re-targets to expert parameters on MoE models whose checkpoint
+# conversion is "mixtral" or "qwen2_moe" (transformers.conversion_mapping): such a module in target_modules would
+# not be adapted by PEFT, so lorakit writes it as a `<module>.weight` target parameter (same layer, same keys).
+_PEFT_CONVERTED_LEAVES = {"gate", "router", "w1", "w2", "w3", "gate_proj", "up_proj", "down_proj"}
+
+
+def _peft_converts(model: nn.Module) -> bool:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN as patterns
+    except ImportError:
+        return False
+    return model_type is not None and patterns.get(model_type, model_type) in ("mixtral", "qwen2_moe")
+
+
+def peft_targets(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfig:
+    """Returns the config to write for PEFT: all-linear spelled out where PEFT would resolve it differently
+    (MoE models, skipped nn.Linear subclasses), and modules PEFT's v5 conversion would re-target written as
+    `.weight` target parameters."""
+    layers = [(n, l) for n, l in lora_layers(model) if adapter_name in l.r]
+    has_params = any(isinstance(l, LoraParam) for _, l in layers)
+    converted = _peft_converts(model)
+    if not (has_params or converted or (config.target_modules == "all-linear" and skipped_linears(model))):
+        return config
+    config = copy.deepcopy(config)
+    modules = sorted(n for n, l in layers if not isinstance(l, LoraParam))
+    as_params = [n for n in modules if converted and n.rsplit(".", 1)[-1] in _PEFT_CONVERTED_LEAVES
+                 and isinstance(model.get_submodule(n), LoraLinear)]
+    if config.target_modules == "all-linear" or as_params:
+        config.target_modules = [n for n in modules if n not in as_params] or None
+    if as_params:
+        config.target_parameters = sorted(set(config.target_parameters or []) | {n + ".weight" for n in as_params})
+    return config
+
+
 def _export_config(model: nn.Module, adapter_name: str) -> LoraConfig:
     # Fused-slice layers are saved as the equivalent plain LoRA of rank r·n with the same scale.
-    config = copy.deepcopy(adapter_configs(model)[adapter_name])
+    config = copy.deepcopy(peft_targets(model, adapter_configs(model)[adapter_name], adapter_name))
     for name, module in model.named_modules():
         if isinstance(module, LoraMergedLinear) and adapter_name in module.r:
             n = sum(module.enable_lora)
@@ -195,6 +234,17 @@ def _expected_shapes(module: nn.Module, r: int, use_dora: bool) -> dict[str, tup
     return kind.shapes(base_of(module), r, use_dora) if kind is not None else {}
 
 
+def _param_shapes(model: nn.Module, config: LoraConfig, params: list[tuple[str, str]]):
+    # [(wrapper name, {key suffix: shape}, r)] of the parameter targets, in PEFT's ParamWrapper layout.
+    kind = next(k for k in KINDS if k.name == "param")
+    out = []
+    for (mname, pname), path in wrapper_paths(model, params).items():
+        r = config.rank_for(f"{mname}.{pname}")
+        probe = LoraParam(owner_of(model.get_submodule(mname)), pname)  # shapes only; not put in the model
+        out.append((path, kind.shapes(probe, r), r))
+    return out
+
+
 def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], where: str):
     """Checks every key and shape against the model; returns {key: (module name, kind)}; raises on any problem."""
     bad_prefix = [k for k in tensors if not k.startswith(PREFIX)]
@@ -202,15 +252,20 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
         raise AdapterFileError(f"{where}: keys must start with {PREFIX!r}; first offending keys: {bad_prefix[:3]}")
     keys = {k[len(PREFIX):]: k for k in tensors}
     try:
+        config = expand_all_linear(model, config)
+        linear_params, param_targets = split_linear_weights(model, find_parameter_targets(model, config))
         targets = find_targets(model, config)
+        targets += [n for n in linear_params if n not in targets]
+        targets = drop_inside_saved(targets, matching_modules(model, config.modules_to_save))
+        expected = [(name, _expected_shapes(model.get_submodule(name), config.rank_for(name), config.use_dora),
+                     config.rank_for(name)) for name in targets]
+        expected += _param_shapes(model, config, param_targets)
     except ConfigError as e:
         raise AdapterFileError(f"{where}: this adapter does not fit the model: {e}") from None
     plan: dict[str, tuple[str, str]] = {}
     problems, missing = [], []
-    for name in targets:
-        module = model.get_submodule(name)
-        r = config.rank_for(name)
-        for suffix, shape in _expected_shapes(module, r, config.use_dora).items():
+    for name, shapes, r in expected:
+        for suffix, shape in shapes.items():
             key = name + suffix
             if key not in keys:
                 missing.append(PREFIX + key)

@@ -4,6 +4,7 @@ from lorakit.layers.conv import LoraConv
 from lorakit.layers.embedding import LoraEmbedding
 from lorakit.layers.linear import LoraLinear, LoraMergedLinear, linear_shape
 from lorakit.layers.modules_to_save import ModulesToSave
+from lorakit.layers.param import LoraParam
 
-__all__ = ["LoraLayer", "LoraLinear", "LoraMergedLinear", "LoraEmbedding", "LoraConv", "ModulesToSave",
+__all__ = ["LoraLayer", "LoraLinear", "LoraMergedLinear", "LoraEmbedding", "LoraConv", "ModulesToSave", "LoraParam",
            "linear_shape"]

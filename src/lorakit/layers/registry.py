@@ -58,6 +58,16 @@ def _linear_shapes(base, r):
     return (r, k), (d, r)
 
 
+def _param_shapes(layer, r):
+    # For parameter targets the "base" is the LoraParam itself (its parameter, not a module, is adapted):
+    # PEFT's ParamWrapper layout, A (r·experts, in) and B (out, r·experts).
+    return (r * layer.num_experts, layer.in_features), (layer.out_features, r * layer.num_experts)
+
+
+def _no_module_build(module, name, config):
+    raise ConfigError(f"{name}: parameter targets are wrapped by name through LoraConfig.target_parameters")
+
+
 def _conv_shapes(base, r):
     kernel = tuple(base.weight.shape[2:])
     return (r, base.in_channels, *kernel), (base.out_channels, r) + (1,) * len(kernel)
@@ -72,8 +82,12 @@ KINDS: tuple[LayerKind, ...] = (
               lambda base, r: ((r, base.weight.shape[0]), (base.weight.shape[1], r))),
     LayerKind("conv", "nn.Conv1d/2d/3d", lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)),
               lambda m, n, c: LoraConv(m), ("conv",), (".lora_A.weight", ".lora_B.weight"), _conv_shapes),
+    # LoRA on a module's parameter (MoE experts' 3-D tensors): chosen by LoraConfig.target_parameters, never by
+    # a module's type, so `wraps` is always False; inject builds LoraParam(module, parameter name) itself.
+    LayerKind("param", "module parameters (target_parameters: 2-D weights, 3-D expert tensors)",
+              lambda m: False, _no_module_build, ("param",), (".lora_A.weight", ".lora_B.weight"), _param_shapes),
 )
-SUPPORTED = ", ".join(k.describes for k in KINDS)
+SUPPORTED = ", ".join(k.describes for k in KINDS if k.name != "param")
 
 
 def kind_of_base(module: nn.Module) -> LayerKind | None:

@@ -28,6 +28,8 @@ def _untie_shared_weights(model: nn.Module) -> None:
     # too; give the LoRA layer its own copy first so only the adapted layer sees the update.
     owners = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
     for _, layer in lora_layers(model):
+        if not hasattr(layer.base_layer, "weight"):  # parameter targets (LoraParam) hold a module with no .weight
+            continue
         w = layer.base_layer.weight
         if owners[id(w)] > 1 and type(w) is nn.Parameter:
             layer.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
@@ -55,13 +57,17 @@ def unwrap(model: nn.Module, do_merge: bool) -> nn.Module:
     """Returns `model` with every wrapper replaced by its base layer (merged first when do_merge) and no lorakit state."""
     if do_merge:
         _untie_shared_weights(model)
+    replaced: list[str] = []
     for name, module in list(model.named_modules()):
+        if any(name.startswith(p) for p in replaced):  # nested parameter wrappers go with their outer one
+            continue
         if isinstance(module, LoraLayer):
-            if do_merge:
-                module.merge()
-            else:
-                module.unmerge()
-            set_submodule(model, name, module.base_layer)
+            inner = module
+            while isinstance(inner, LoraLayer):
+                inner.merge() if do_merge else inner.unmerge()
+                inner = inner.base_layer
+            set_submodule(model, name, inner)
+            replaced.append(name + ".")
         elif isinstance(module, ModulesToSave):
             keep = module.active_module() if do_merge else module.original_module
             for p in keep.parameters():

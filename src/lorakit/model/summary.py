@@ -5,7 +5,7 @@ from collections import Counter
 
 from torch import nn
 
-from lorakit.layers import LoraLayer, ModulesToSave
+from lorakit.layers import LoraLayer, LoraParam, ModulesToSave
 from lorakit.model.targets import base_of
 from lorakit.ops.nf4 import numel_4bit_aware
 
@@ -26,9 +26,15 @@ def summary(model: nn.Module) -> str:
     params: Counter = Counter()
     for _, module in model.named_modules():
         if isinstance(module, (LoraLayer, ModulesToSave)):
-            kind = f"{type(module).__name__}({type(base_of(module) if isinstance(module, LoraLayer) else module.original_module).__name__})"
+            inner = base_of(module) if isinstance(module, LoraLayer) else module.original_module
+            if isinstance(module, LoraParam):  # a parameter target: the module kind and the parameter
+                inner_name = f"{type(module.owner).__name__}.{module.parameter_name}"
+            else:
+                inner_name = type(inner).__name__
+            kind = f"{type(module).__name__}({inner_name})"
             kinds[kind] += 1
-            params[kind] += sum(p.numel() for p in module.parameters() if p.requires_grad)
+            params[kind] += sum(p.numel() for n, p in module.named_parameters()
+                                if p.requires_grad and not n.startswith("base_layer."))
     trainable, total = trainable_parameters(model)
     lines = [f"{'module kind':<40} {'count':>6} {'trainable params':>18}"]
     lines += [f"{k:<40} {kinds[k]:>6} {params[k]:>18,}" for k in sorted(kinds)]

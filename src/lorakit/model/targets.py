@@ -1,13 +1,24 @@
-"""Which modules an adapter targets: name matching, per-architecture defaults, and THE output-head finder."""
+"""Which modules an adapter targets: name matching, per-architecture defaults, and THE output-head finder.
+
+Also which module PARAMETERS it targets (LoraConfig.target_parameters, PEFT 0.21's rules): `<module>.<param>`
+is a target when it equals an entry or ends with `.<entry>`. On a mixture-of-experts model `all-linear` adds
+the routed experts' 3-D tensors as PEFT 0.21 does for Qwen3-MoE, Mixtral and DeepSeek-V3 (`gate_up_proj` with
+rank 2r and alpha 2·alpha: it fuses two projections), on every MoE architecture, and keeps the dense MLPs
+(PEFT's v5 conversion drops DeepSeek-V3's). Routers are never adapted unless named, and an nn.Linear subclass
+whose forward is not a plain linear map (Llama 4's router returns a tuple) is skipped with a warning.
+"""
 from __future__ import annotations
 
+import copy
 import re
+import warnings
 
 from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, did_you_mean
 from lorakit.layers import LoraLayer, ModulesToSave
+from lorakit.layers.param import owner_of
 from lorakit.layers.registry import is_linear
 
 _LAYER_RE = r".*\.(?:{})\.(\d+)(?:\.|$)"
@@ -60,7 +71,8 @@ def matches(spec, name: str, module: nn.Module, head_names: set[str]) -> bool:
     if spec is None:
         return False
     if spec == "all-linear":
-        return is_linear(base_of(module)) and name not in head_names
+        base = base_of(module)
+        return is_linear(base) and name not in head_names and is_plain_linear(base) and not is_router(name, base)
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return any(name == t or name.endswith("." + t) for t in spec)
@@ -94,9 +106,17 @@ def linear_layer_names(model: nn.Module) -> list[str]:
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Returns the names of the modules `config` selects; raises ConfigError with near misses when none."""
+    """Returns the names of the modules `config` selects; raises ConfigError with near misses when none.
+
+    With target_parameters set and target_modules None, no module is selected (as in PEFT)."""
+    if config.target_modules is None and config.target_parameters:
+        return []
     targets = config.target_modules if config.target_modules is not None else _default_targets(model)
     heads = output_head_names(model)
+    if config.task_type == "SEQ_CLS" and output_head(model) is None:
+        # as PEFT: the sequence-classification head ("classifier" or "score") is not an all-linear target
+        head = next((getattr(model, n) for n in ("classifier", "score") if getattr(model, n, None) is not None), None)
+        heads |= {n for n, m in model.named_modules() if head is not None and m is head}
     found, before_layers = [], []
     for name, module in plain_modules(model):
         if not name or not matches(targets, name, module, heads):
@@ -118,3 +138,132 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     hints = "".join(did_you_mean(t, suffixes) for t in wanted)
     raise ConfigError(f"LoraConfig.target_modules={targets!r} matched no module of {type(model).__name__}.{hints} "
                       f"Linear layers in this model: {', '.join(linear_layer_names(model)[:30]) or 'none'}")
+
+
+def drop_inside_saved(targets: list[str], to_save: list[str]) -> list[str]:
+    """Returns `targets` without those inside a modules_to_save module (as PEFT: the module saved whole wins)."""
+    return [t for t in targets if not any(t.startswith(s + ".") for s in to_save)]
+
+
+# ---------------------------------------------------------------------------- parameter targets, MoE
+_QUANTIZED_LINEARS = ("Linear4bit", "Linear8bitLt")
+FUSED_PAIRS = ("gate_up_proj",)  # expert tensors that fuse two projections: all-linear gives them 2r, 2·alpha
+_PLAIN_PROBES: dict[type, bool] = {}
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """Returns False for an nn.Linear subclass whose forward is not the plain map x·Wᵀ + b (Llama 4's router
+    returns a tuple); True for nn.Linear, Conv1D, bitsandbytes' quantized linears and subclasses that only
+    re-implement the same map (Falcon's FalconLinear), which is checked once per class on a small probe input."""
+    if not isinstance(module, nn.Linear) or type(module).__name__ in _QUANTIZED_LINEARS:
+        return True
+    if type(module).forward is nn.Linear.forward:
+        return True
+    if type(module) not in _PLAIN_PROBES:
+        _PLAIN_PROBES[type(module)] = _probe_plain(module)
+    return _PLAIN_PROBES[type(module)]
+
+
+def _probe_plain(module: nn.Linear) -> bool:
+    import torch
+    w = module.weight
+    if w.device.type == "meta" or not w.dtype.is_floating_point:
+        return False
+    x = torch.randn(2, 3, module.in_features, generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    try:
+        with torch.no_grad():
+            out = module(x)
+            ref = torch.nn.functional.linear(x, w, module.bias)
+    except Exception:  # a forward that cannot take a plain input is not a plain linear map
+        return False
+    return isinstance(out, torch.Tensor) and out.shape == ref.shape and bool(torch.allclose(out, ref, 1e-3, 1e-4))
+
+
+def is_router(name: str, module: nn.Module) -> bool:
+    """Returns True for a MoE router (token-to-expert gate): a module named `gate`/`router` or a *Router class."""
+    return name.rsplit(".", 1)[-1] in ("gate", "router") or "Router" in type(module).__name__
+
+
+def expert_parameters(module: nn.Module) -> list[str]:
+    """Returns the names of `module`'s routed-expert tensors (3-D parameters, experts first) in registration
+    order; empty for anything else."""
+    owner = owner_of(module)
+    n = getattr(owner, "num_experts", None)
+    params = [(k, p) for k, p in owner._parameters.items() if p is not None and p.dim() == 3]
+    if not params or (n is None and not type(owner).__name__.endswith("Experts")):
+        return []
+    return [k for k, p in params if n is None or p.shape[0] == n]
+
+
+def expert_modules(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """Returns [(module name, [expert parameter names])] for the model's routed-expert modules."""
+    return [(n, ps) for n, m in plain_modules(model) if n for ps in [expert_parameters(m)] if ps]
+
+
+def expand_all_linear(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """Returns `config` with all-linear's expert targets made explicit (a copy), or `config` unchanged.
+
+    As PEFT 0.21 writes them: target_parameters gets the experts' leaf names, and rank_pattern / alpha_pattern
+    give fused gate_up_proj tensors 2r / 2·alpha."""
+    if config.target_modules != "all-linear" or config.target_parameters is not None:
+        return config
+    experts = expert_modules(model)
+    if not experts:
+        return config
+    leaves = sorted({f"{n.rsplit('.', 1)[-1]}.{p}" for n, ps in experts for p in ps})
+    if config.lora_dropout > 0:
+        raise ConfigError(f"target_modules='all-linear' on {type(model).__name__} adapts its routed experts "
+                          f"({', '.join(leaves)}), which needs lora_dropout=0 (as in PEFT); set lora_dropout=0, "
+                          f"or list the modules to adapt in target_modules")
+    new = copy.deepcopy(config)
+    new.target_parameters = leaves
+    for pname in {leaf.rsplit(".", 1)[-1] for leaf in leaves} & set(FUSED_PAIRS):
+        key = rf".*\.{re.escape(pname)}"
+        new.rank_pattern.setdefault(key, config.r * 2)
+        new.alpha_pattern.setdefault(key, config.lora_alpha * 2)
+    return new
+
+
+def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, str]]:
+    """Returns [(module name, parameter name)] selected by config.target_parameters, in registration order."""
+    wanted = config.target_parameters or []
+    found = []
+    for mname, module in plain_modules(model) if wanted else ():
+        owner = owner_of(module)
+        for pname, p in owner._parameters.items():
+            key = f"{mname}.{pname}" if mname else pname
+            if p is not None and (key in wanted or any(key.endswith("." + t) for t in wanted)):
+                if not mname:
+                    raise ConfigError(f"target_parameters: {pname!r} belongs to the top-level model; only "
+                                      f"parameters of submodules can be targeted (as in PEFT)")
+                found.append((mname, pname))
+    if wanted and not found:
+        here = sorted({f"{n.rsplit('.', 1)[-1]}.{p}" for n, ps in expert_modules(model) for p in ps})
+        raise ConfigError(f"LoraConfig.target_parameters={wanted} matched no parameter of {type(model).__name__}; "
+                          f"expert tensors here: {', '.join(here) or 'none'}")
+    return found
+
+
+def split_linear_weights(model: nn.Module, targets: list[tuple[str, str]]):
+    """Splits parameter targets into (names of plain nn.Linear modules whose `weight` is targeted: they get an
+    ordinary LoRA linear layer, same keys and math as PEFT's wrapper), [the other (module, parameter)]."""
+    linears, params = [], []
+    for mname, pname in targets:
+        if pname == "weight" and type(model.get_submodule(mname)) is nn.Linear:
+            linears.append(mname)
+        else:
+            params.append((mname, pname))
+    return linears, params
+
+
+def skipped_linears(model: nn.Module) -> list[str]:
+    """Returns the names of nn.Linear subclasses that are not plain linear maps (all-linear skips them)."""
+    return [n for n, m in plain_modules(model) if n and isinstance(m, nn.Linear) and not is_plain_linear(m)]
+
+
+def warn_skipped(names: list[str]) -> None:
+    """Warns that all-linear left out the named non-plain nn.Linear subclasses."""
+    if names:
+        warnings.warn(f"target_modules='all-linear' skipped {len(names)} nn.Linear subclass(es) whose forward is "
+                      f"not a plain linear map: {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}",
+                      stacklevel=3)

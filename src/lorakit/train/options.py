@@ -74,6 +74,9 @@ class _RunOptions:
     min_lr_ratio: float = _opt(0.0, "the cosine schedule ends at lr * min_lr_ratio")
     lora_plus_ratio: float = _opt(1.0, "LoRA+: the B matrices learn at lr * ratio (1 = plain LoRA; paper: 16)")
     max_grad_norm: float | None = _opt(1.0, "clip the gradient norm to this; none = no clipping")
+    router_aux_loss: float | None = _opt(None, "MoE models: weight of the routers' load-balancing loss added to the "
+                                         "training loss; none = the model config's router_aux_loss_coef when "
+                                         "it sets output_router_logits, else 0")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory, slower steps; README, Performance)")
     offload_activations: bool = _opt(False, "with gradient_checkpointing on CUDA: keep the checkpointed "
                                      "activations in (pinned) CPU memory instead of GPU memory")
@@ -116,6 +119,7 @@ LORA_HELP = {
     "r": "LoRA rank", "lora_alpha": "LoRA alpha (update scale = alpha / r)",
     "lora_dropout": "dropout on the LoRA input",
     "target_modules": "modules to adapt: names, a regex, or all-linear", "exclude_modules": "modules never to adapt",
+    "target_parameters": "module parameters to adapt (MoE experts), e.g. experts.gate_up_proj,experts.down_proj",
     "layers_to_transform": "adapt only these layer indices", "layers_pattern": "name of the layer list (PEFT field)",
     "rank_pattern": "per-module ranks {pattern: r}", "alpha_pattern": "per-module alphas {pattern: alpha}",
     "init_lora_weights": "LoRA init: kaiming, gaussian, pissa, olora, none",

@@ -161,6 +161,10 @@ class Recipe:
         o, model = self.o, self.model
         torch.manual_seed(o.seed)  # LoRA init independent of whatever ran before
         lorakit.inject(model, o.lora_config())
+        from lorakit.train.router_aux import set_router_aux_loss
+        aux_weight = set_router_aux_loss(model, o.router_aux_loss)
+        if aux_weight:
+            self.say(f"router auxiliary loss: weight {aux_weight:g}")
         if o.gradient_checkpointing:
             from lorakit.model.activation_checkpointing import enable_gradient_checkpointing
             enable_gradient_checkpointing(model, offload=o.offload_activations)

@@ -16,6 +16,7 @@ from lorakit.model.targets import output_head
 from lorakit.ops.cross_entropy import linear_cross_entropy
 from lorakit.train.data import IGNORE_INDEX
 from lorakit.train.distributed import global_sums, global_tokens
+from lorakit.train.router_aux import add_router_aux, router_aux_kwargs
 from lorakit.train.runtime import model_device, to_device
 
 
@@ -61,7 +62,8 @@ def loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     Where `chunked_head` allows, only the hidden states that predict a target go through the output head, a
     block of rows at a time (`lorakit.functional.linear_cross_entropy`): the (tokens x vocabulary) logits,
     their softmax and their gradient never exist whole. Elsewhere: the model's logits, restricted to target
-    positions with `logits_to_keep` when the model accepts it.
+    positions with `logits_to_keep` when the model accepts it. A MoE model's router loss is added with the
+    run's weight (lorakit.train.router_aux).
     """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -78,13 +80,16 @@ def loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
         # Project only the positions that predict a target: instruction data is mostly prompt, and the
         # vocabulary projection is a large share of a small model's compute (SmolLM2: 49k x 576 per token).
         mask = torch.cat([keep, torch.zeros_like(keep[:, :1])], dim=1)
-        logits = model(**inputs, use_cache=False, logits_to_keep=mask).logits
+        out = model(**inputs, use_cache=False, logits_to_keep=mask, **router_aux_kwargs(model))
+        logits = out.logits
         if logits.numel() == n * logits.size(-1):
-            return F.cross_entropy(logits.reshape(n, -1).float(), targets[keep], reduction="sum"), n
-    logits = model(**inputs, use_cache=False).logits
+            loss = F.cross_entropy(logits.reshape(n, -1).float(), targets[keep], reduction="sum")
+            return add_router_aux(loss, out, n, model), n
+    out = model(**inputs, use_cache=False, **router_aux_kwargs(model))
+    logits = out.logits
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, n
+    return add_router_aux(loss, out, n, model), n
 
 
 def first_nonfinite(model: nn.Module) -> str | None:
