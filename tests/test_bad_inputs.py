@@ -157,7 +157,7 @@ def train_error(env, tmp_path, capsys, extra, *messages):
 DATA_CASES = {
     "missing data file": (["--data", "{env}/nope.jsonl"], ["Data path", "nope.jsonl does not exist"]),
     "folder with no data": (["--data", "{env}/emptydir"], ["emptydir is a folder but not one saved by `datasets`",
-                                                           "pass a .json, .jsonl or .txt file"]),
+                                                           "pass a .json, .jsonl, .parquet, .csv or .txt file"]),
     "empty jsonl": (["--data", "{env}/empty.jsonl"], ["empty.jsonl: no usable rows"]),
     "empty text file": (["--data", "{env}/blank.txt"], ["blank.txt: the text file is empty"]),
     "row missing output": (["--data", "{env}/missing_output.jsonl"],

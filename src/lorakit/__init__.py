@@ -7,7 +7,7 @@
 from lorakit import adaptive, adapters, checkpointing, compiling, functional, fuse, inject, quant  # noqa: F401
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, ConfigError, DataError, LorakitError, ModelLoadError
-from lorakit.io import load_adapter, read_adapter, save_adapter, write_adapter
+from lorakit.io import load_adapter, read_adapter, resolve_adapter_dir, save_adapter, write_adapter
 from lorakit.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, LoraMergedLinear, LoraParam
 from lorakit.model.activation_checkpointing import enable_gradient_checkpointing
 from lorakit.model.adapters import combine_adapters, delete_adapter, disable_adapters, switch_merged_adapter
@@ -28,6 +28,7 @@ __all__ = [
     "LoraConfig", "inject", "find_targets", "trainable_parameters", "summary", "merge", "unmerge",
     "merge_and_unload", "unload", "set_adapter", "active_adapters", "disable_adapters", "delete_adapter",
     "switch_merged_adapter", "combine_adapters", "save_adapter", "load_adapter", "read_adapter", "write_adapter",
+    "resolve_adapter_dir",
     "fuse_shared_inputs", "unfuse", "enable_gradient_checkpointing", "compile_blocks",
     "uncompile_blocks", "quantize", "dequantize", "memory_report", "format_memory_report", "enable_adaptive_rank",
     "LoraLayer", "LoraLinear", "LoraMergedLinear", "LoraEmbedding", "LoraConv", "LoraParam",

@@ -64,7 +64,8 @@ def test_batch_cache_join_and_keep():
 
 
 def test_resolve_adapter_dir_layouts(tmp_path):
-    from lorakit.serve.paths import path_under_root, resolve_adapter_dir
+    from lorakit.io.adapter_paths import resolve_adapter_dir
+    from lorakit.serve.paths import path_under_root
     from lorakit.errors import AdapterFileError, ConfigError
 
     ad = tmp_path / "run" / "adapter"

@@ -34,6 +34,19 @@ def char_tokenizer(chat: bool = False):
     return tok
 
 
+def trained_runs(ex: dict, tok) -> list[str]:
+    """Returns the decoded runs of consecutive trained tokens (labels != -100) of a tokenized example."""
+    runs, cur = [], []
+    for i, label in zip(ex["input_ids"], ex["labels"]):
+        if label == IGNORE_INDEX:
+            if cur:
+                runs.append(tok.decode(cur))
+            cur = []
+        else:
+            cur.append(i)
+    return runs + ([tok.decode(cur)] if cur else [])
+
+
 @pytest.fixture(scope="module")
 def tok():
     return char_tokenizer()
@@ -163,6 +176,8 @@ def test_text_file_missing_path_unknown_suffix_and_datasets_folder(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         D.load_records(tmp_path / "nope.jsonl")
     with pytest.raises(DataError, match="unknown data format"):
+        D.load_records(write(tmp_path, "x.xls", "a,b\n"))
+    with pytest.raises(DataError, match="x.csv: no rows"):
         D.load_records(write(tmp_path, "x.csv", "a,b\n"))
     saved = tmp_path / "saved"
     saved.mkdir()
@@ -215,16 +230,7 @@ def test_multi_turn_chat_trains_only_assistant_turns(chat_tok):
                         {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
                         {"role": "assistant", "content": "a2"}]}
     [ex], _ = D.tokenize_records([rec], chat_tok)
-    runs, cur = [], []
-    for i, l in zip(ex["input_ids"], ex["labels"]):
-        if l == IGNORE_INDEX:
-            if cur:
-                runs.append(chat_tok.decode(cur))
-            cur = []
-        else:
-            cur.append(i)
-    runs.append(chat_tok.decode(cur))
-    assert runs == ["a1<|im_end|>\n", "a2<|im_end|>\n"]
+    assert trained_runs(ex, chat_tok) == ["a1<|im_end|>\n", "a2<|im_end|>\n"]
 
 
 def test_truncation_counts_and_drops_rows_without_targets(tok):

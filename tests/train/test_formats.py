@@ -7,13 +7,14 @@ from lorakit.train.data import formats
 
 
 def test_registry_finds_every_format_module_in_detection_order():
-    assert list(formats.FORMATS) == ["chat", "alpaca", "text"]
-    assert formats.known_fields() == "'instruction'/'output' (Alpaca), 'messages' (chat) or 'text'"
+    assert list(formats.FORMATS) == ["chat", "sharegpt", "alpaca", "text"]
+    assert formats.known_fields() == ("'instruction'/'output' (Alpaca), 'messages' (chat), 'conversations' "
+                                      "(ShareGPT) or 'text'")
 
 
 @pytest.mark.parametrize("row, kind", [({"messages": [], "text": "x"}, "chat"), ({"instruction": "a"}, "alpaca"),
                                        ({"output": "a", "text": "b"}, "alpaca"), ({"text": "t"}, "text"),
-                                       ({"other": 1}, None)])
+                                       ({"conversations": []}, "sharegpt"), ({"other": 1}, None)])
 def test_row_kind_dispatches_by_priority(row, kind):
     assert formats.row_kind(row) == kind
 

@@ -26,6 +26,7 @@ COMMANDS = {
     "rank": "rank",
     "search": "search",
     "bench": "bench",
+    "data": "data",
     "export": "export",
     "serve": "serve",
     "plan": "plan",
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from lorakit.train.progress import quiet_third_party_progress
+    quiet_third_party_progress()  # in a log (stderr not a terminal): no third-party progress bars
     try:
         return int(args.func(args) or 0)
     except LorakitError as e:

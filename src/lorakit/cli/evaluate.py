@@ -22,8 +22,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model (default: the run's model, else the embedded default)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let the model folder run its own Python code (off by default)")
-    p.add_argument("--adapter", default=None, help="adapter folder or checkpoint folder (default: none, base model)")
-    p.add_argument("--data", default=None, help="JSON/JSONL Alpaca rows (default: the embedded held-out split)")
+    p.add_argument("--adapter", default=None, help="adapter folder, run folder or checkpoint folder (default: none, base model)")
+    p.add_argument("--data", default=None, help="Alpaca rows: JSON/JSONL, .parquet, .csv, a dataset folder or hub id (default: the "
+                   "embedded held-out split)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--template", choices=("auto", "chat", "alpaca"), default=None,
                    help="prompt template (default: the adapter's run template, else auto)")
@@ -36,6 +37,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=256, help="truncate rows for the loss (default: 256)")
     p.add_argument("--limit", type=int, default=None, help="use at most N rows (default: all)")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows instead of stopping")
+    p.add_argument("--columns", default=None, metavar="FIELD=COL,...",
+                   help="read Alpaca fields from other columns: instruction=question,output=answer")
+    p.add_argument("--data-split", default=None, help="split of a dataset (default: validation/test, else train)")
+    p.add_argument("--data-config", default=None, help="configuration name of a hub dataset")
     p.set_defaults(func=run)
     return p
 
@@ -53,7 +58,13 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.data is None:
         records = embedded_dataset()["eval"]
     else:
-        records = load_records(args.data, skip_bad_rows=args.skip_bad_rows).records
+        from lorakit.train.data.columns import parse_columns
+        try:
+            columns = parse_columns(args.columns)
+        except ValueError as e:
+            raise ConfigError(f"--columns: {e}") from None
+        records = load_records(args.data, skip_bad_rows=args.skip_bad_rows, columns=columns, split=args.data_split,
+                               config=args.data_config, prefer="eval").records
     records = records[:args.limit] if args.limit else records
     if any("output" not in r for r in records):
         raise DataError(f"{args.data}: eval needs Alpaca rows with an 'output' (the expected answer)")

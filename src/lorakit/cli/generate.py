@@ -21,7 +21,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model (default: the run's model, else the embedded default)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let the model folder run its own Python code (off by default)")
-    p.add_argument("--adapter", default=None, help="adapter folder (PEFT format) or a checkpoint folder")
+    p.add_argument("--adapter", default=None, help="adapter folder (PEFT format), a run folder or a checkpoint folder")
     p.add_argument("--input", default="", help="Alpaca 'input' field: context for the instruction (default: none)")
     p.add_argument("--template", choices=("auto", "chat", "alpaca"), default=None,
                    help="prompt template (default: the adapter's run template, else auto)")

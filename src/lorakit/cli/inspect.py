@@ -86,7 +86,8 @@ def _print(report: dict) -> None:
 
 def run(args) -> int:
     """Prints the adapter report (or JSON); returns 0, or 1 when problems were found."""
-    report = adapter_report(args.adapter_dir, allow_pickle=args.allow_pickle)
+    from lorakit.io.adapter_paths import resolve_adapter_dir
+    report = adapter_report(resolve_adapter_dir(args.adapter_dir), allow_pickle=args.allow_pickle)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -99,7 +100,8 @@ def add_parser(subparsers) -> None:
                               description="Print an adapter's config, adapted modules and ranks, parameter counts, "
                                           "file size and size ratio to its base model, and flag problems "
                                           "(NaN/Inf values, an untrained all-zero update).")
-    p.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="folder with adapter_config.json and adapter_model.safetensors")
+    p.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="an adapter folder (adapter_config.json + adapter_model.safetensors), a run folder "
+                   "or a checkpoint folder")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when a problem is found")
     p.add_argument("--allow-pickle", action="store_true",

@@ -56,6 +56,8 @@ _DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def run(args) -> int:
+    from lorakit.io.adapter_paths import resolve_adapter_dir
+    adapter = str(resolve_adapter_dir(args.adapter))  # a run, checkpoint or adapter folder
     dtype = _DTYPE_NAMES.get(args.dtype, args.dtype)
     if args.quantize == "none" and not args.trust_remote_code:
         from lorakit.deploy.deltas import NotStreamableError
@@ -70,11 +72,11 @@ def run(args) -> int:
             folder = None  # a model with its own code: the in-memory path refuses it unless --trust-remote-code
         if folder is not None:
             try:
-                merge_sharded(folder, args.adapter, args.out, dtype, args.allow_pickle)
+                merge_sharded(folder, adapter, args.out, dtype, args.allow_pickle)
                 return 0
             except NotStreamableError as e:
                 print(f"{e} Merging in memory instead.")
-    merge_to_folder(args.base, args.adapter, args.out, dtype or "float32", args.allow_pickle, args.trust_remote_code,
+    merge_to_folder(args.base, adapter, args.out, dtype or "float32", args.allow_pickle, args.trust_remote_code,
                     quantize=args.quantize)
     return 0
 
@@ -87,7 +89,7 @@ def add_parser(subparsers) -> None:
                                           "lorakit. Free disk space is checked first; the write is atomic.")
     p.add_argument("--base", default=None, help="base model: a transformers folder, a .gguf file, a hub id, or "
                                                 "omit for the embedded default (smollm2)")
-    p.add_argument("--adapter", required=True, help="adapter folder (PEFT format), checkpoint folder or run folder")
+    p.add_argument("--adapter", required=True, help="adapter folder (PEFT format), a run folder or a checkpoint folder")
     p.add_argument("--out", required=True, help="output folder for the merged model (replaced atomically)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32", "float32", "bfloat16", "float16"],
                    help="dtype of the saved weights (default: the base checkpoint's own dtype when it is merged shard "

@@ -49,16 +49,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatches to analyse, compress or compare; returns the exit status."""
+    from lorakit.io.adapter_paths import resolve_adapter_dir  # run, checkpoint or adapter folders
+
     if args.energy is not None:
         R.check_energy(args.energy)
     if args.paths[0] == "compare":
         if len(args.paths) != 3:
             raise ConfigError("usage: lorakit rank compare DIR_A DIR_B")
-        return compare(Path(args.paths[1]), Path(args.paths[2]), args)
+        return compare(resolve_adapter_dir(args.paths[1]), resolve_adapter_dir(args.paths[2]), args)
     if len(args.paths) != 1:
         raise ConfigError("lorakit rank takes one ADAPTER_DIR (or: lorakit rank compare DIR_A DIR_B), "
                           f"got {len(args.paths)} paths")
-    directory = Path(args.paths[0])
+    directory = resolve_adapter_dir(args.paths[0])
     if args.compress is not None or args.out is not None:
         return compress(directory, args)
     return analyse(directory, args)

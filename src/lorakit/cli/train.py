@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         from lorakit.train.distributed import launch_local
         return launch_local(args.nproc, options)
     from lorakit.train.runtime import is_main_process
-    console = Console(stderr=False, quiet=not is_main_process())  # under torchrun only rank 0 prints
+    # under torchrun only rank 0 prints; in a log file (not a terminal) lines are not cut at 80 columns
+    console = Console(stderr=False, quiet=not is_main_process(), soft_wrap=not sys.stdout.isatty())
     results = train(options, command=command_line(options), console=console)
     if results.get("accuracy_before") or results.get("accuracy_after"):
         console.print(accuracy_table_rich(results.get("accuracy_before"), results.get("accuracy_after")))

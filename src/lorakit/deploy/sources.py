@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit.errors import AdapterFileError, ModelLoadError
+from lorakit.errors import ModelLoadError
+from lorakit.io.adapter_paths import resolve_adapter_dir
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def base_folder(spec: str | os.PathLike | None) -> Path:
@@ -104,26 +103,9 @@ def read_checkpoint(folder: str | os.PathLike) -> Checkpoint:
     return ckpt
 
 
-_STEP = re.compile(r"^step-(\d+)$")
-
-
 def resolve_adapter(path: str | os.PathLike) -> Path:
     """Returns the adapter folder for an adapter folder, a checkpoint folder, or a run folder."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise AdapterFileError(f"adapter {p} does not exist (pass an adapter folder, a checkpoint folder or a run folder).")
-    if (p / ADAPTER_CONFIG).is_file():
-        return p
-    if (p / "adapter" / ADAPTER_CONFIG).is_file():
-        return p / "adapter"               # a run folder that finished, or a checkpoint folder
-    ckpts = p / "checkpoints"
-    if ckpts.is_dir():                     # a run folder without a final adapter: its latest complete checkpoint
-        steps = sorted((int(m.group(1)), d) for d in ckpts.iterdir()
-                       if (m := _STEP.match(d.name)) and (d / "complete").exists() and (d / "adapter" / ADAPTER_CONFIG).is_file())
-        if steps:
-            return steps[-1][1] / "adapter"
-    raise AdapterFileError(f"{p} holds no adapter: expected {ADAPTER_CONFIG} in it, in {p / 'adapter'}, or in a "
-                           f"complete checkpoint under {ckpts}.")
+    return resolve_adapter_dir(path)  # the one resolver every --adapter uses (lorakit.io.adapter_paths)
 
 
 def run_settings(adapter_dir: Path) -> dict:

@@ -21,7 +21,8 @@ from pathlib import Path
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from lorakit.serve.paths import path_under_root, require_safetensors, resolve_adapter_dir
+from lorakit.io.adapter_paths import resolve_adapter_dir
+from lorakit.serve.paths import path_under_root, require_safetensors
 from lorakit.errors import LorakitError
 from lorakit.serve import protocol
 from lorakit.serve.adapters import AdapterBusy

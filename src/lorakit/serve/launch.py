@@ -6,7 +6,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit.serve.paths import require_safetensors, resolve_adapter_dir
+from lorakit.io.adapter_paths import resolve_adapter_dir
+from lorakit.serve.paths import require_safetensors
 from lorakit.errors import ConfigError
 from lorakit.serve.adapters import AdapterPool
 from lorakit.serve.app import DEFAULT_MAX_BODY, create_app

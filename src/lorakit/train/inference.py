@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from lorakit.errors import ConfigError
+from lorakit.io.adapter_paths import resolve_adapter_dir, run_dir_of
 from lorakit.train.options import load_options, read_config_file
 from lorakit.train.prepare import calibration_inputs, load_data, quantize_gptq, tokenize_training
 from lorakit.train.runtime import resolve_device
@@ -25,17 +25,14 @@ def load_for_inference(model_spec: str | None, adapter: str | None, template: st
     from lorakit.loading.pretrained import load_model
 
     run_cfg = {}
-    if adapter and (Path(adapter) / "state.json").is_file():  # a checkpoint folder: use its adapter/
-        adapter = str(Path(adapter) / "adapter")
-    if adapter:
-        # out/adapter or out/checkpoints/step-N/adapter: the run's config.yaml is 1 or 3 levels up
-        for run_dir in (Path(adapter).parent, Path(adapter).parent.parent.parent):
-            if (run_dir / "config.yaml").is_file():
-                try:
-                    run_cfg = read_config_file(run_dir / "config.yaml")
-                except ConfigError:
-                    pass
-                break
+    if adapter:  # a run, checkpoint or adapter folder; the run's config.yaml (if any) names how it trained
+        adapter = str(resolve_adapter_dir(adapter))
+        run_dir = run_dir_of(adapter)
+        if run_dir is not None:
+            try:
+                run_cfg = read_config_file(run_dir / "config.yaml")
+            except ConfigError:
+                pass
     model, tokenizer = load_model(model_spec or run_cfg.get("model") or "default", trust_remote_code=trust_remote_code)
     model.to(resolve_device(device))
     how = quantize or run_cfg.get("quantize")

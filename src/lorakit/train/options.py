@@ -40,8 +40,14 @@ class _RunOptions:
     # -- model and data
     model: str = _opt("default", "base model: 'default' (embedded SmolLM2-135M-Instruct), a transformers "
                       "folder, a .gguf file, or a hub id")
-    data: str | None = _opt(None, "training data: JSON/JSONL (Alpaca or chat 'messages'), .txt, or a `datasets` "
-                            "folder; none = the embedded default instruction dataset")
+    data: str | None = _opt(None, "training data: JSON/JSONL (Alpaca, chat 'messages' or ShareGPT "
+                            "'conversations'), .parquet, .csv, .txt, a `datasets` folder, or a hub dataset id "
+                            "(datasets.load_dataset); none = the embedded default instruction dataset")
+    data_split: str | None = _opt(None, "split of a --data dataset (datasets.load_dataset, e.g. train or "
+                                  "train[:1000]); none = train")
+    data_config: str | None = _opt(None, "configuration name of a --data hub dataset (load_dataset's name)")
+    columns: dict[str, str] = _opt({}, "read a format's fields from other columns: instruction=question,"
+                                   "output=answer (also input, messages, conversations, text)")
     eval_data: str | None = _opt(None, "held-out data for loss and accuracy; none = the embedded held-out split "
                                  "(with the default data) or no eval (with --data)")
     out: str | None = _opt(None, "output folder; none = runs/<YYYYmmdd-HHMMSS>")
@@ -95,7 +101,13 @@ class _RunOptions:
     eval_batch_size: int = _opt(16, "prompts per generation batch")
     max_new_tokens: int = _opt(5, "generation length limit for accuracy (answers are short)")
     log_every: int = _opt(1, "write a metrics.jsonl line every N steps")
-    progress: bool = _opt(True, "show a progress bar")
+    progress: bool = _opt(True, "show a progress bar (on a terminal) or print a plain progress line every "
+                          "progress_every steps (when the output is a file or pipe)")
+    progress_every: int | None = _opt(None, "plain progress lines (output not a terminal) every N steps; "
+                                      "none = a twentieth of the run")
+    report_to: list[str] = _opt(["none"], "experiment trackers that get metrics.jsonl's metrics and the config: "
+                                "tensorboard, mlflow, trackio, wandb (offline, local files in the run folder), "
+                                "all (the installed ones) or none")
 
 
 # The LoRA options are LoraConfig's own fields (a new LoRA option is added in config.py only); the training
@@ -166,6 +178,13 @@ class TrainOptions(_LoraOptions):
         for name in ("batch_size", "grad_accum", "max_seq_len", "eval_batch_size", "max_new_tokens", "log_every"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.progress_every is not None and self.progress_every < 1:
+            bad("progress_every", f"must be >= 1 (or none), got {self.progress_every}")
+        from lorakit.train.trackers import check_report_to
+        try:
+            check_report_to(self.report_to)
+        except ValueError as e:
+            bad("report_to", str(e))
         for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
@@ -316,6 +335,11 @@ def _coerce_to(value, tp, name: str):
             raise TypeError(f"expected a list, got {value!r}")
         return [_coerce_to(v, args[0], name) for v in value] if args else value
     if origin is dict:
+        if isinstance(value, str) and "=" in value and not value.strip().startswith("{"):
+            pairs = [part.partition("=") for part in value.split(",")]  # a=b,c=d
+            if not all(sep and k.strip() for k, sep, _ in pairs):
+                raise TypeError(f"expected key=value pairs like a=b,c=d, got {value!r}")
+            value = {k.strip(): v.strip() for k, _, v in pairs}
         if isinstance(value, str):
             try:
                 value = yaml.safe_load(value)

@@ -36,12 +36,14 @@ def load_data(o: TrainOptions, tokenizer, log=print) -> dict:
         ds = embedded_dataset()
         train, held, name, skipped = ds["train"], ds["eval"], "embedded default instruction dataset", 0
     else:
-        loaded = load_records(o.data, skip_bad_rows=o.skip_bad_rows)
+        loaded = load_records(o.data, skip_bad_rows=o.skip_bad_rows, columns=o.columns, split=o.data_split,
+                              config=o.data_config)
         train, held, name, skipped = loaded.records, [], o.data, loaded.skipped
         if skipped:
             log(f"skipped {skipped} malformed row(s) in {o.data}")
     if o.eval_data is not None:
-        loaded = load_records(o.eval_data, skip_bad_rows=o.skip_bad_rows)
+        loaded = load_records(o.eval_data, skip_bad_rows=o.skip_bad_rows, columns=o.columns, config=o.data_config,
+                              prefer="eval")
         held = loaded.records
         if loaded.skipped:
             log(f"skipped {loaded.skipped} malformed row(s) in {o.eval_data}")
@@ -94,19 +96,22 @@ class RunData:
     pad_id: int
     skipped: int = 0
     stats: dict = field(default_factory=dict)
+    calibration: list = field(default_factory=list)  # nf4-gptq: the first training rows, unpacked, as (1, T) ids
 
 
 def prepare_data(o: TrainOptions, model, tokenizer, records: dict, log=print) -> RunData:
-    """Returns the tokenized (packed) data for `records` (a load_data dict); quantizes with GPTQ when asked.
-
-    GPTQ runs here because it calibrates on the tokenized training rows.
+    """Returns the tokenized (packed) data for `records` (a load_data dict); quantizes `model` with GPTQ when
+    asked and a model is given (it calibrates on the tokenized training rows; without a model yet, the rows
+    are kept in RunData.calibration for the recipe to quantize once the model is loaded).
     """
     train_ex, stats = tokenize_training(o, records["train_records"], tokenizer)
     if not train_ex:
         raise DataError(f"{records['data_name']}: no training examples left after tokenization "
                         f"({stats['dropped']} rows lost their whole response to max_seq_len={o.max_seq_len})")
-    if o.quantize == "nf4-gptq":
-        quantize_gptq(model, calibration_inputs(train_ex, o.quant_calibration), log)
+    calibration = calibration_inputs(train_ex, o.quant_calibration) if o.quantize == "nf4-gptq" else []
+    if calibration and model is not None:
+        quantize_gptq(model, calibration, log)
+        calibration = []
     if stats["truncated"] or stats["dropped"]:
         log(f"{stats['truncated']} of {stats['rows']} rows were longer than max_seq_len={o.max_seq_len} and were "
             f"truncated ({stats['dropped']} dropped: nothing of the response was left)")
@@ -116,4 +121,4 @@ def prepare_data(o: TrainOptions, model, tokenizer, records: dict, log=print) ->
                                   system=o.system)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return RunData(records["data_name"], list(records["train_records"]), list(records["eval_records"]), train_ex,
-                   eval_ex, pad_id, records.get("skipped", 0), stats)
+                   eval_ex, pad_id, records.get("skipped", 0), stats, calibration)

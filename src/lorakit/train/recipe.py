@@ -2,14 +2,18 @@
 
     Recipe.run():
       setup_run        output folder (--resume), seeds
-      setup_model      load model -> device -> (nf4)                     skipped when a model is handed in
-      setup_data       read rows -> tokenize -> (GPTQ) -> (pack)         skipped when data is handed in
+      setup_data       tokenizer -> read rows -> tokenize -> (pack)      skipped when data is handed in; before
+                       the model, so a bad row fails in seconds, not after an 8B load (the tokenizer alone)
+      setup_model      load model -> device -> (nf4 | GPTQ on the data)  skipped when a model is handed in
       measure_baseline held-out accuracy of the un-tuned model
       setup_lora       inject LoRA -> (gradient checkpointing, adaptive rank, compile)
       setup_optimizer  optimizer_fn -> schedule -> (resume from a checkpoint) -> DDP/FSDP wrapper
       run_steps        step_fn per step ──► hooks.on_step_end ──► (eval ──► hooks.on_eval) ──► checkpoints
                        stops at n_steps, on SIGINT/SIGTERM, or when a hook's should_stop says so
       finish           (adaptive: final ranks) -> final eval -> accuracy -> adapter, metrics, plot, README
+
+metrics.jsonl's records also go to the --report-to trackers (lorakit.train.trackers); on a terminal the
+progress is a bar, in a log a plain line every progress_every steps (lorakit.train.progress).
 
 Hooks (lorakit.train.hooks.Hooks) watch or stop a run; `step_fn` and `optimizer_fn` replace the training
 step and the optimizer builder (bench, search). Only rank 0 (see runtime.dist_env) prints and writes files,
@@ -38,7 +42,8 @@ from lorakit.train.optim import SchedulerWithAdaptive, build_optimizer, build_sc
 from lorakit.train.options import TrainOptions, dump_yaml
 from lorakit.train.prepare import (SMALL_MODEL_PARAMS, RunData, calibration_inputs, load_data,  # noqa: F401
                                    prepare_data, prepare_model, quantize_gptq, tokenize_training)
-from lorakit.train.progress import ProgressBar
+from lorakit.train.progress import PlainProgress, ProgressBar, is_terminal, quiet_third_party_progress
+from lorakit.train.trackers import TrackedMetrics, Trackers, resolve_report_to
 from lorakit.train.report import MetricsLog, plot_metrics, write_readme
 from lorakit.train.runtime import RUNS, StopRequest, default_out_dir, dist_env, model_device  # noqa: F401
 from lorakit.train.runtime import seed_everything
@@ -72,10 +77,13 @@ class Recipe:
     def run(self) -> dict:
         """Runs every stage; returns the results dict (also written to out/results.json)."""
         self.setup_run()
+        new_data = self.data is None
+        if new_data:
+            self.setup_data()
         if self.model is None:
             self.setup_model()
-        if self.data is None:
-            self.setup_data()
+        if new_data:
+            self.make_run_folder()
         self.describe()
         self.measure_baseline()
         self.setup_lora()
@@ -92,16 +100,26 @@ class Recipe:
         self.out = out or default_out_dir()
         o.out = str(self.out)
         seed_everything(o.seed)
+        quiet_third_party_progress()  # in a log: no third-party progress bars
+        self.report_to = resolve_report_to(o.report_to)  # a missing tracker package fails before anything loads
 
     def setup_model(self) -> None:
-        """Loads (and maybe quantizes) the base model and its tokenizer."""
-        self.say(f"loading model {self.o.model} ...")
+        """Loads (and maybe quantizes) the base model and its tokenizer; GPTQ calibrates on the data's rows."""
+        d = self.data
+        self.say(f"data: {d.stats.get('rows', len(d.train_records))} training rows ({len(d.train_examples)} "
+                 f"examples), {len(d.eval_records)} held-out rows; loading model {self.o.model} ...")
         self.model, self.tokenizer = prepare_model(self.o, self.say)
+        if self.o.quantize == "nf4-gptq" and d.calibration:
+            quantize_gptq(self.model, d.calibration, self.say)
 
     def setup_data(self) -> None:
-        """Reads and tokenizes the training and held-out rows; then, with inputs known good, makes the run folder."""
-        self.data = prepare_data(self.o, self.model, self.tokenizer, load_data(self.o, self.tokenizer, self.say),
-                                 self.say)
+        """Reads and tokenizes the training and held-out rows, with the tokenizer alone when no model is loaded."""
+        from lorakit.loading.tokenizer import load_tokenizer
+        tokenizer = self.tokenizer or load_tokenizer(self.o.model, trust_remote_code=self.o.trust_remote_code)
+        self.data = prepare_data(self.o, self.model, tokenizer, load_data(self.o, tokenizer, self.say), self.say)
+
+    def make_run_folder(self) -> None:
+        """Makes the run folder and its config.yaml, once model and data are known good."""
         # Only now, with model and data loaded, does the run get a folder: a bad input leaves nothing behind and
         # never overwrites the config.yaml an earlier run (and its --resume) depends on.
         if self.writes and self.ckpt is None:
@@ -114,7 +132,9 @@ class Recipe:
         self.n_steps = total_steps(len(d.train_examples), o.batch_size, o.grad_accum, o.max_steps, o.epochs,
                                    self.world)
         self.do_acc = o.accuracy and bool(d.eval_records)
-        self.metrics = MetricsLog(self.out, enabled=self.writes)
+        self.trackers = (Trackers(self.report_to, self.out, o.to_dict(), resume=self.ckpt is not None)
+                         if self.writes and self.report_to else None)
+        self.metrics = TrackedMetrics(MetricsLog(self.out, enabled=self.writes), self.trackers)
         self.results = {"options": o.to_dict(), "command": self.command or "lorakit train", "world_size": self.world,
                         "model_name": getattr(model.config, "_name_or_path", o.model),
                         "model_parameters": sum(p.numel() for p in model.parameters()), "data_name": d.name,
@@ -199,7 +219,14 @@ class Recipe:
         for h in self.hooks:
             h.on_train_start(self)
         t_train = time.time()
-        with StopRequest() as stop, ProgressBar(self.main and o.progress, self.n_steps, self.step, self.console) as bar:
+        console = self.console
+        if console.is_terminal if console is not None else is_terminal():
+            progress = ProgressBar(self.main and o.progress, self.n_steps, self.step, console)
+        else:  # a log file or pipe: plain lines
+            progress = PlainProgress(self.main and o.progress, self.n_steps, self.step, o.progress_every,
+                                     None if console is None else lambda s: console.print(s, soft_wrap=True,
+                                                                                           highlight=False))
+        with StopRequest() as stop, progress as bar:
             while self.step < self.n_steps:
                 t0 = time.time()
                 result = self.step_fn(self.train_model, [next(batches) for _ in range(o.grad_accum)], self.optimizer,
@@ -302,6 +329,9 @@ class Recipe:
             if self.writes:
                 lorakit.save_adapter(self.model, out / "adapter")
         results["eval_loss"] = self.eval_loss
+        if self.trackers is not None:
+            results["trackers"] = self.trackers.where()
+            self.trackers.close()
         results["total_seconds"] = time.time() - self.t_start
         results["out"] = str(out)
         if self.writes:

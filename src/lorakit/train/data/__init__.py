@@ -2,12 +2,14 @@
 
     record (dict)  --render_segments-->  [(text, trainable), ...]  --tokenize_example-->  {input_ids, labels}
         alpaca: {instruction, input, output}       prompt segment is masked (labels -100) unless train_on_inputs
-        chat:   {messages: [{role, content}]}      only assistant turns are trained
+        chat:   {messages: [{role, content}]}      every assistant turn is trained, its end-of-turn token too
+        sharegpt: {conversations: [{from, value}]} read as chat (formats/sharegpt.py)
         text:   {text}                             every token is trained (causal LM on raw text)
     examples --pack_examples--> fixed-length blocks with per-example position_ids   --collate--> tensors
 
     formats/    one module per row format (detect, validate, render): the registry
-    files       reading JSON/JSONL/text/`datasets` folders      templates   Alpaca / chat prompt text
+    files       reading JSON/JSONL/text; --columns (columns)   templates   Alpaca / chat prompt text
+    sources     Parquet, CSV, dataset folders and hub ids through datasets.load_dataset
     tokenize    masking, truncation, packing, collation         embedded    the default dataset
     answers     exact-match scoring
 
@@ -18,11 +20,13 @@ from lorakit.train.data.answers import answer_matches, normalize_answer  # noqa:
 from lorakit.train.data.embedded import (EMBEDDED_SEED, INSTRUCTIONS, SPLIT_SIZES, TASKS,  # noqa: F401
                                          analogy_split, balanced, embedded_dataset, embedded_split, package_file,
                                          rank_key, record, reviews, tweets)
+from lorakit.train.data.columns import parse_columns, rename_columns  # noqa: F401
 from lorakit.train.data.files import (TEXT_SUFFIXES, LoadedData, collect, json_rows, load_records,  # noqa: F401
                                       load_saved_datasets)
 from lorakit.train.data.formats import FORMATS, DataFormat, render_segments, row_kind, validate_row  # noqa: F401
 from lorakit.train.data.templates import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, TEMPLATES,  # noqa: F401
-                                          alpaca_messages, chat_text, render_prompt, resolve_template)
+                                          alpaca_messages, chat_text, render_prompt, resolve_template,
+                                          with_end_of_turn)
 from lorakit.train.data.tokenize import (IGNORE_INDEX, collate, pack_examples, tokenize_example,  # noqa: F401
                                          tokenize_records)
 

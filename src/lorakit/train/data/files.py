@@ -1,4 +1,5 @@
-"""Reading user data: JSON/JSONL rows, text files, `datasets` folders; each row validated by its format."""
+"""Reading user data: JSON/JSONL rows and text files here; Parquet, CSV, dataset folders and hub ids through
+`datasets` (sources.py); --columns renames first (columns.py); each row validated by its format."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,9 @@ from pathlib import Path
 from typing import Iterable
 
 from lorakit.errors import DataError
+from lorakit.train.data.columns import rename_columns
 from lorakit.train.data.formats import known_fields, row_kind, validate_row
+from lorakit.train.data.sources import dataset_rows, is_dataset_spec
 
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
@@ -18,7 +21,7 @@ TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 class LoadedData:
     """Records of one format read from a file or folder; `skipped` counts bad rows when skipping is on."""
     records: list[dict]
-    kind: str  # "alpaca" | "chat" | "text"
+    kind: str  # "alpaca" | "chat" | "sharegpt" | "text"
     source: str
     skipped: int = 0
     problems: list[str] = field(default_factory=list)
@@ -59,17 +62,24 @@ def json_rows(path: Path, text: str) -> Iterable[tuple[int, object]]:
         yield lineno, row
 
 
-def collect(path: Path, rows: Iterable[tuple[int, object]], skip_bad_rows: bool, where: str = "line") -> LoadedData:
-    """Returns validated records; the first row that has a known format decides the file's format."""
+def collect(path, rows: Iterable[tuple[int, object]], skip_bad_rows: bool, where: str = "line",
+            columns: dict[str, str] | None = None) -> LoadedData:
+    """Returns validated records; the first row that has a known format decides the file's format.
+
+    `columns` maps a format's field to the column holding it ({"instruction": "question"}), applied first.
+    """
     records, problems, kind = [], [], None
     for lineno, row in rows:
         try:
             if isinstance(row, Exception):
                 raise row
+            if columns:
+                row = rename_columns(row, columns)
             if kind is None and isinstance(row, dict):
                 kind = row_kind(row)
                 if kind is None:
-                    raise ValueError(f"<row>: no {known_fields()} field")
+                    raise ValueError(f"<row>: no {known_fields()} field; its columns are {', '.join(map(str, row))} "
+                                     f"(map them with --columns instruction=COL,output=COL)")
             records.append(validate_row(row, kind or "alpaca"))
         except ValueError as e:
             fld, _, what = str(e).partition(": ")
@@ -82,35 +92,31 @@ def collect(path: Path, rows: Iterable[tuple[int, object]], skip_bad_rows: bool,
     return LoadedData(records, kind or "alpaca", str(path), len(problems), problems)
 
 
-def load_saved_datasets(path: Path, skip_bad_rows: bool) -> LoadedData:
-    """Returns records from a folder written by `datasets.Dataset.save_to_disk`."""
-    try:
-        import datasets  # optional dependency; only needed for this one format
-    except ImportError:
-        raise DataError(f"{path} is a folder saved by the `datasets` library, which is not installed. "
-                        f"Install it (pip install datasets) or export the data to JSONL.") from None
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    return collect(path, ((i + 1, dict(r)) for i, r in enumerate(ds)), skip_bad_rows, where="row")
+def load_saved_datasets(path: Path, skip_bad_rows: bool, columns: dict[str, str] | None = None,
+                        split: str | None = None) -> LoadedData:
+    """Returns records from a folder written by `datasets.Dataset.save_to_disk` (lorakit.train.data.sources)."""
+    return collect(path, dataset_rows(path, split=split), skip_bad_rows, where="row", columns=columns)
 
 
-def load_records(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> LoadedData:
-    """Returns the records in a JSON/JSONL (Alpaca or chat), text file, or `datasets` folder at `path`."""
+def load_records(path: str | os.PathLike, *, skip_bad_rows: bool = False, columns: dict[str, str] | None = None,
+                 split: str | None = None, config: str | None = None, prefer: str = "train") -> LoadedData:
+    """Returns the records at `path`: JSON/JSONL (Alpaca, chat or ShareGPT), text, Parquet/CSV, a `datasets`
+    folder, or a dataset id / folder that `datasets.load_dataset` reads (split, config; see sources.py).
+    """
+    if is_dataset_spec(path):  # Parquet, CSV, folders and dataset ids: through `datasets`
+        rows = dataset_rows(path, split=split, config=config, prefer=prefer)
+        return collect(path, rows, skip_bad_rows, where="row", columns=columns)
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"Data path {path} does not exist.")
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
-            return load_saved_datasets(path, skip_bad_rows)
-        raise DataError(f"{path} is a folder but not one saved by `datasets`; pass a .json, .jsonl or .txt file.")
     suffix = path.suffix.lower()
     if suffix in (".json", ".jsonl"):
         text = path.read_text(encoding="utf-8", errors="replace")
-        return collect(path, json_rows(path, text), skip_bad_rows)
+        return collect(path, json_rows(path, text), skip_bad_rows, columns=columns)
     if suffix in TEXT_SUFFIXES:
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text.strip():
             raise DataError(f"{path}: the text file is empty")
         return LoadedData([{"text": text}], "text", str(path))
-    raise DataError(f"{path}: unknown data format '{suffix}'; use .json, .jsonl (Alpaca or chat) or .txt.")
+    raise DataError(f"{path}: unknown data format '{suffix}'; use .json, .jsonl (Alpaca, chat or ShareGPT), "
+                    f".parquet, .csv, .tsv or .txt.")

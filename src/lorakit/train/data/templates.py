@@ -44,3 +44,17 @@ def render_prompt(record: dict, tokenizer=None, template: str = "auto", system: 
         return chat_text(tokenizer, alpaca_messages(record, system), True)
     fmt = ALPACA_PROMPT if record.get("input") else ALPACA_PROMPT_NO_INPUT
     return fmt.format(instruction=record["instruction"], input=record.get("input", ""))
+
+
+def with_end_of_turn(reply: str, tokenizer) -> str:
+    """Returns an assistant turn as a chat template rendered it, plus EOS when the template wrote no special
+    token (no end-of-turn marker) into it: a model must learn to stop after each of its turns.
+
+    The marker the template wrote (ChatML's <|im_end|>, Llama 3's <|eot_id|>) is trained as it is, also when
+    it is the pad token: labels come from the segments, never from comparing ids with the pad id.
+    """
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", ()) if t]
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos and not any(t in reply for t in specials):
+        return reply + eos
+    return reply

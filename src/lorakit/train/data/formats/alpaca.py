@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from lorakit.train.data.formats.base import DataFormat
-from lorakit.train.data.templates import alpaca_messages, chat_text, render_prompt, resolve_template
+from lorakit.train.data.templates import (alpaca_messages, chat_text, render_prompt, resolve_template,
+                                          with_end_of_turn)
 
 
 def detect(row: dict) -> bool:
@@ -33,7 +34,7 @@ def render(record: dict, tokenizer=None, template: str = "auto", system: str | N
         full = chat_text(tokenizer, alpaca_messages(record, system) +
                          [{"role": "assistant", "content": record["output"]}], False)
         if full.startswith(prompt):
-            return [(prompt, False), (full[len(prompt):], True)]
+            return [(prompt, False), (with_end_of_turn(full[len(prompt):], tokenizer), True)]
     return [(prompt, False), (record["output"] + eos, True)]
 
 

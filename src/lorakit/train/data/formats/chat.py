@@ -1,9 +1,9 @@
-"""Chat rows: {messages: [{role, content}, ...]}; only the assistant turns are trained."""
+"""Chat rows: {messages: [{role, content}, ...]}; every assistant turn is trained, with its end-of-turn token."""
 from __future__ import annotations
 
 from lorakit.errors import ConfigError
 from lorakit.train.data.formats.base import DataFormat
-from lorakit.train.data.templates import chat_text
+from lorakit.train.data.templates import chat_text, with_end_of_turn
 
 
 def detect(row: dict) -> bool:
@@ -13,7 +13,7 @@ def detect(row: dict) -> bool:
 
 def validate(row: dict) -> dict:
     """Returns the row; ValueError for a bad message list or no assistant turn."""
-    msgs = row["messages"]
+    msgs = row.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise ValueError("messages: expected a non-empty list of {role, content} objects")
     for i, m in enumerate(msgs):
@@ -41,7 +41,7 @@ def render(record: dict, tokenizer=None, template: str = "auto", system: str | N
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise ConfigError("the tokenizer's chat template does not render conversations prefix-wise; "
                               "cannot tell prompt tokens from response tokens.")
-        segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        segments += [(prompt[len(done):], False), (with_end_of_turn(full[len(prompt):], tokenizer), True)]
         done = full
     return [(t, trainable) for t, trainable in segments if t]
 
