@@ -177,7 +177,8 @@ def train_trial(o: TrainOptions, ctx: TrialContext, report: Report, metric: str 
         optimizer = build_optimizer(ctx.model, o.lr, o.weight_decay, o.lora_plus_ratio, o.adam_betas)
         steps = o.max_steps or 1
         scheduler = build_scheduler(optimizer, min(o.warmup_steps, steps // 2), steps, o.min_lr_ratio)
-        batches = iterate_batches(ctx.train_examples, o.batch_size, o.seed, DataPosition(), ctx.pad_token_id)
+        batches = iterate_batches(ctx.train_examples, o.batch_size, o.seed, DataPosition(), ctx.pad_token_id,
+                                  group_by_length=o.group_by_length)
         for step in range(1, steps + 1):
             result = train_step(ctx.model, [next(batches) for _ in range(o.grad_accum)], optimizer, scheduler,
                                 o.max_grad_norm)

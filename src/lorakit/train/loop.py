@@ -181,19 +181,27 @@ class DataPosition:
 
 
 def iterate_batches(examples: Sequence[dict], batch_size: int, seed: int, position: DataPosition,
-                    pad_token_id: int, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
+                    pad_token_id: int, rank: int = 0, world_size: int = 1,
+                    group_by_length: bool = False, padding_free: bool = False) -> Iterator[dict]:
     """Yields this rank's collated micro-batches forever from `position`, advancing it after each one.
 
     A global batch of batch_size * world_size examples is cut into one slice per rank, so the examples that
-    make up a step do not depend on how many processes share it.
+    make up a step do not depend on how many processes share it. group_by_length: rows of similar length
+    share a batch (lorakit.train.grouping.grouped_batch_order), still determined by (seed, epoch).
+    padding_free: each batch is one row, its examples back to back with per-example position_ids
+    (lorakit.train.grouping.collate_padding_free): no padding at all, the same loss per example.
     """
+    from lorakit.train.grouping import collate_padding_free, grouped_batch_order
+    lengths = [len(e["input_ids"]) for e in examples] if group_by_length else None
     while True:
-        order = batch_order(len(examples), batch_size * world_size, seed, position.epoch)
+        order = (grouped_batch_order(lengths, batch_size * world_size, seed, position.epoch) if group_by_length
+                 else batch_order(len(examples), batch_size * world_size, seed, position.epoch))
         while position.index < len(order):
             idx = order[position.index][rank * batch_size:(rank + 1) * batch_size]
             position.index += 1
             if idx:
-                yield collate([examples[i] for i in idx], pad_token_id)
+                rows = [examples[i] for i in idx]
+                yield collate_padding_free(rows) if padding_free else collate(rows, pad_token_id)
         position.epoch, position.index = position.epoch + 1, 0
 
 
@@ -409,10 +417,17 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence[str], max_new
 
 
 def evaluate_accuracy(model: nn.Module, tokenizer, records: Sequence[dict], template: str = "auto",
-                      system: str | None = None, batch_size: int = 16, max_new_tokens: int = 8) -> dict:
-    """Returns {accuracy, n, per_task: {task: {accuracy, n}}, samples}: exact match of greedy answers."""
-    prompts = [render_prompt(r, tokenizer, template, system) for r in records]
-    answers = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+                      system: str | None = None, batch_size: int = 16, max_new_tokens: int = 8,
+                      with_loss: bool = False, max_seq_len: int | None = None) -> dict:
+    """Returns {accuracy, n, per_task: {task: {accuracy, n}}, samples}: exact match of greedy answers.
+
+    with_loss: also {loss, target_tokens}, the held-out loss per response token, from the same forward as
+    the answers (lorakit.train.heldout: one forward per row, shared prompt prefixes computed once).
+    """
+    from lorakit.train.heldout import evaluate_heldout
+    held = evaluate_heldout(model, tokenizer, records, template, system, batch_size, max_new_tokens,
+                            max_seq_len=max_seq_len, loss=with_loss)
+    answers = held.answers
     per_task: dict[str, list[int]] = {}
     samples = []
     for r, a in zip(records, answers):
@@ -421,9 +436,12 @@ def evaluate_accuracy(model: nn.Module, tokenizer, records: Sequence[dict], temp
         if len(samples) < 5:
             samples.append({"input": r.get("input", ""), "expected": r["output"], "generated": a, "correct": ok})
     hits = [h for v in per_task.values() for h in v]
-    return {"accuracy": sum(hits) / len(hits) if hits else float("nan"), "n": len(hits),
-            "per_task": {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(per_task.items())},
-            "samples": samples}
+    out = {"accuracy": sum(hits) / len(hits) if hits else float("nan"), "n": len(hits),
+           "per_task": {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(per_task.items())},
+           "samples": samples}
+    if with_loss:
+        out.update(loss=held.loss, target_tokens=held.target_tokens)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- signals

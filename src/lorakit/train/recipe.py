@@ -238,7 +238,8 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
     train_model = wrap_for_distributed(model, o.strategy, o.batch_size, o.grad_accum, log=say)
 
     # -- the loop
-    batches = iterate_batches(train_ex, o.batch_size, o.seed, position, pad_id, rank, world)
+    batches = iterate_batches(train_ex, o.batch_size, o.seed, position, pad_id, rank, world,
+                              group_by_length=o.group_by_length, padding_free=o.padding_free)
     last_loss, eval_loss, stopped = float("nan"), float("nan"), None
     ckpt_state = lambda: {"tokens_seen": tokens_seen, "accuracy_before": before, "world_size": world}  # noqa: E731
     t_train = time.time()
