@@ -38,6 +38,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "src"))  # this checkout's lorakit
 import machine  # noqa: E402  (bench/machine.py: the one quiet-machine check)
 
 ROOT = HERE.parent

@@ -64,6 +64,14 @@ def records_for(model, tok, n=18, monkeypatch=None):
     return rows
 
 
+def reference_loss(model, examples):
+    """Returns the mean response loss of examples in one padded batch (the recipe's loss_sum)."""
+    from lorakit.train.data import collate
+    with torch.no_grad():
+        total, n = loop.loss_sum(model.eval(), collate(examples, 0))
+    return float(total) / n
+
+
 def examples_of(rows, tok):
     """Returns the rows tokenized as evaluate_heldout sees them (forced responses included)."""
     return [heldout.tokenize_records([r], tok, template="alpaca")[0][0] for r in rows]
@@ -84,7 +92,7 @@ def test_one_pass_gives_generate_answers_and_evaluate_loss(tok, kind, batch_size
     assert 0 < s["continued_rows"] <= len(rows) - 6
     examples = examples_of(rows, tok)
     assert got.target_tokens == sum(sum(t != -100 for t in e["labels"][1:]) for e in examples)
-    assert got.loss == pytest.approx(loop.evaluate_loss(model, examples, 4, 0), rel=1e-5)
+    assert got.loss == pytest.approx(reference_loss(model, examples), rel=1e-5)
 
 
 def test_loss_only_and_answers_only(tok, monkeypatch):
@@ -93,11 +101,12 @@ def test_loss_only_and_answers_only(tok, monkeypatch):
     examples = examples_of(rows, tok)
     only_loss = heldout.evaluate_heldout(model, tok, rows, "alpaca", batch_size=3, generate=False)
     assert only_loss.answers == [None] * len(rows)
-    assert only_loss.loss == pytest.approx(loop.evaluate_loss(model, examples, 4, 0), rel=1e-5)
+    assert only_loss.loss == pytest.approx(reference_loss(model, examples), rel=1e-5)
     acc = loop.evaluate_accuracy(model, tok, rows, "alpaca", batch_size=3, max_new_tokens=MAX_NEW, with_loss=True)
     plain = heldout.evaluate_heldout(model, tok, rows, "alpaca", batch_size=3, max_new_tokens=MAX_NEW, loss=False)
     assert plain.answers == one_by_one(model, tok, rows) and plain.target_tokens == 0
     assert acc["loss"] == pytest.approx(only_loss.loss, rel=1e-5) and acc["target_tokens"] == only_loss.target_tokens
+    assert loop.evaluate_loss(model, examples, 3, 0) == pytest.approx(only_loss.loss, rel=1e-5)
 
 
 def test_unknown_models_take_the_plain_route_with_the_same_results(tok, monkeypatch):

@@ -73,9 +73,10 @@ def one_pass_supported(model: nn.Module) -> bool:
     return not sliding and callable(getattr(model, "get_output_embeddings", None))
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
+def _on_model_device(model: nn.Module, batch: dict) -> dict:
+    """Returns the batch's tensors on the model's device (the training loop's model_device / to_device)."""
+    from lorakit.train import loop
+    return loop.to_device(batch, loop.model_device(model))
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
@@ -176,16 +177,8 @@ def _evaluate(model, tokenizer, records, template, system, batch_size, max_new_t
             need.update(range(r.prompt_len - 1, last + 1))
         r.need = sorted(need)
     rows = [r for r in rows if r.need]
-    groups = prefix_groups(rows)
-    stats = {"rows": len(records), "one_pass_rows": len(rows), "groups": len(groups),
-             "shared_prefix_tokens": sum(p * (len(g) - 1) for p, g in groups),
-             "forward_tokens": sum(len(r.ids) for r in rows) - sum(p * (len(g) - 1) for p, g in groups),
-             "matched_tokens": 0, "continued_rows": 0, "decode_steps": 0, "plain_rows": len(plain_generate)}
-    for shared, group in groups:
-        cache = _prefix_cache(model, group[0].ids[:shared]) if shared else None
-        group = sorted(group, key=lambda r: len(r.ids))
-        for s in range(0, len(group), batch_size):
-            _forward_batch(model, group[s:s + batch_size], shared, cache, pad, eos, max_new_tokens, result, stats)
+    result.stats = _run_rows(model, rows, batch_size, pad, eos, max_new_tokens, result)
+    result.stats.update(rows=len(records), plain_rows=len(plain_generate))
     for r in rows:
         if r.prompt_len is not None and want_answers:
             result.answers[r.index] = tokenizer.decode(r.generated, skip_special_tokens=True)
@@ -197,16 +190,53 @@ def _evaluate(model, tokenizer, records, template, system, batch_size, max_new_t
         total, n = _plain_loss(model, plain_loss, batch_size, pad)
         result.loss_sum += total
         result.target_tokens += n
-    result.stats = stats
     return result
+
+
+def _run_rows(model, rows: list[_Row], batch_size: int, pad: int, eos: int | None, max_new: int,
+              result: HeldOut) -> dict:
+    """Runs the grouped, batched forwards (and continued decoding) over rows; returns what it computed."""
+    groups = prefix_groups(rows)
+    shared_tokens = sum(p * (len(g) - 1) for p, g in groups)
+    stats = {"one_pass_rows": len(rows), "groups": len(groups), "shared_prefix_tokens": shared_tokens,
+             "forward_tokens": sum(len(r.ids) for r in rows) - shared_tokens,
+             "matched_tokens": 0, "continued_rows": 0, "decode_steps": 0}
+    for shared, group in groups:
+        cache = _prefix_cache(model, group[0].ids[:shared]) if shared else None
+        group = sorted(group, key=lambda r: len(r.ids))
+        for s in range(0, len(group), batch_size):
+            _forward_batch(model, group[s:s + batch_size], shared, cache, pad, eos, max_new, result, stats)
+    return stats
+
+
+@torch.no_grad()
+def examples_loss(model: nn.Module, examples: Sequence[dict], batch_size: int, pad_token_id: int) -> tuple[float, int]:
+    """Returns (summed loss, target tokens) of tokenized examples: shared prefixes computed once where supported."""
+    was_training = model.training
+    model.eval()
+    try:
+        if not one_pass_supported(model) or any("position_ids" in e for e in examples):
+            return _plain_loss(model, list(examples), batch_size, pad_token_id)
+        rows = []
+        for i, e in enumerate(examples):
+            labels = list(e.get("labels", e["input_ids"]))
+            need = [t - 1 for t in range(1, len(e["input_ids"])) if labels[t] != IGNORE_INDEX]
+            if need:
+                rows.append(_Row(i, list(e["input_ids"]), labels, None, need=need))
+        result = HeldOut(answers=[])
+        _run_rows(model, rows, batch_size, pad_token_id, None, 0, result)
+        return result.loss_sum, result.target_tokens
+    finally:
+        model.train(was_training)
 
 
 def _prefix_cache(model, ids: list[int]):
     """Returns the KV cache of one token sequence (batch 1)."""
     from transformers import DynamicCache
-    device = _model_device(model)
     cache = DynamicCache()
-    model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True)
+    split = _head(model)  # the backbone alone when it can: the prefix's logits are never needed
+    (split[0] if split is not None else model)(**_on_model_device(model, {"input_ids": torch.tensor([ids])}),
+                                               past_key_values=cache, use_cache=True)
     return cache
 
 
@@ -218,7 +248,6 @@ def _head(model):
 
 def _forward_batch(model, batch: list[_Row], shared: int, cache, pad: int, eos: int | None, max_new: int,
                    result: HeldOut, stats: dict) -> None:
-    device = _model_device(model)
     n = len(batch)
     width = max(len(r.ids) for r in batch) - shared
     ids = torch.full((n, width), pad, dtype=torch.long)
@@ -229,13 +258,14 @@ def _forward_batch(model, batch: list[_Row], shared: int, cache, pad: int, eos: 
         ids[b, :k] = torch.tensor(r.ids[shared:])
         mask[b, shared:shared + k] = 1
     positions = torch.arange(shared, shared + width).expand(n, width)
-    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    placed = _on_model_device(model, {"input_ids": ids, "attention_mask": mask, "position_ids": positions})
+    mask = placed["attention_mask"]
     decoding = any(r.prompt_len is not None for r in batch)
     kv = _expand(cache, n) if cache is not None else None
     if decoding and kv is None:
         from transformers import DynamicCache
         kv = DynamicCache()
-    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=kv, use_cache=decoding)
+    inputs = dict(placed, past_key_values=kv, use_cache=decoding)
     split = _head(model)
     rows_at = [b for b, r in enumerate(batch) for _ in r.need]
     cols_at = [q - shared for r in batch for q in r.need]
@@ -318,11 +348,10 @@ def generate_ids(model: nn.Module, prompts: Sequence[list[int]], max_new_tokens:
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
     out: list[list[int]] = [[] for _ in prompts]
-    device = _model_device(model)
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
-        batch = collate([{"input_ids": prompts[i]} for i in chunk], pad, padding_side="left")
-        gen = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+        batch = _on_model_device(model, collate([{"input_ids": prompts[i]} for i in chunk], pad, padding_side="left"))
+        gen = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              generation_config=config)
         for row, i in enumerate(chunk):
             out[i] = gen[row, batch["input_ids"].shape[1]:].tolist()
@@ -333,11 +362,10 @@ def _plain_loss(model, examples: list[dict], batch_size: int, pad: int) -> tuple
     """Returns (summed loss, target tokens) of examples by padded forwards, batches sorted by length."""
     from lorakit.train.data import collate
     from lorakit.train.loop import loss_sum
-    device = _model_device(model)
     examples = sorted(examples, key=lambda e: len(e["input_ids"]))
     total, n = 0.0, 0
     for s in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[s:s + batch_size], pad).items()}
+        batch = _on_model_device(model, collate(examples[s:s + batch_size], pad))
         loss, k = loss_sum(model, batch)
         total, n = total + float(loss), n + k
     return total, n

@@ -93,8 +93,9 @@ class TrainOptions:
     eval_every: int = _opt(20, "eval loss every N steps (0 = only at the end)")
     save_every: int = _opt(50, "write a checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = _opt(2, "keep the newest N checkpoints (0 = keep all)")
-    final_eval_loss: bool = _opt(False, "held-out loss after training as its own pass (with accuracy on, the "
-                                 "accuracy pass reports it from the same forward; this adds it when accuracy is off)")
+    final_eval_loss: bool | None = _opt(None, "held-out loss after training as a pass of its own: true, false, or "
+                                        "none = only when accuracy is off (then it is the run's held-out result); "
+                                        "with accuracy on, the accuracy pass reports it from the same forward")
     baseline_eval: bool = _opt(True, "measure the un-tuned model's accuracy before training")
     accuracy: bool = _opt(True, "measure generation accuracy (exact match) on the held-out data")
     eval_batch_size: int = _opt(16, "prompts per generation batch")

@@ -241,6 +241,7 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
     batches = iterate_batches(train_ex, o.batch_size, o.seed, position, pad_id, rank, world,
                               group_by_length=o.group_by_length, padding_free=o.padding_free)
     last_loss, eval_loss, stopped = float("nan"), float("nan"), None
+    eval_loss_step = None  # the step eval_loss was measured at (the end, or the last eval_every)
     ckpt_state = lambda: {"tokens_seen": tokens_seen, "accuracy_before": before, "world_size": world}  # noqa: E731
     t_train = time.time()
     with StopRequest() as stop, _progress(main and o.progress, n_steps, step, console) as bar:
@@ -273,7 +274,7 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
                                **({"rank_budget": controller.budget} if controller is not None else {})})
             bar(step, result.loss, lr, tps)
             if o.eval_every and step % o.eval_every == 0 and eval_ex and step < n_steps:
-                eval_loss = evaluate_loss(model, eval_ex, o.eval_batch_size, pad_id)
+                eval_loss, eval_loss_step = evaluate_loss(model, eval_ex, o.eval_batch_size, pad_id), step
                 metrics.write({"step": step, "eval_loss": eval_loss})
             if main and ((o.save_every and step % o.save_every == 0 and step < n_steps) or stop.signum):
                 save_checkpoint(out, step, model, optimizer, scheduler, position, ckpt_state())
@@ -299,19 +300,24 @@ def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
             results["adaptive_ranks"] = ranks
             say(f"adaptive rank: {sum(ranks.values())} = budget {controller.target_budget} over {len(ranks)} "
                 f"modules, ranks {min(ranks.values())}..{max(ranks.values())}")
-        if eval_ex:
-            eval_loss = evaluate_loss(model, eval_ex, o.eval_batch_size, pad_id)
-            metrics.write({"step": step, "eval_loss": eval_loss})
         after = None
-        if do_acc:
+        if do_acc:  # the run's measured result; its held-out loss comes from the same forward
             say("measuring held-out accuracy after training ...")
-            after = evaluate_accuracy(model, tokenizer, data["eval_records"], **acc_args)
+            after = evaluate_accuracy(model, tokenizer, data["eval_records"], **acc_args, with_loss=bool(eval_ex),
+                                      max_seq_len=o.max_seq_len)
+            if eval_ex:
+                eval_loss, eval_loss_step = after.pop("loss"), step
+                after.pop("target_tokens")
+                metrics.write({"step": step, "eval_loss": eval_loss})
             metrics.write({"step": step, "accuracy": after["accuracy"], "per_task": after["per_task"],
                            "phase": "after"})
+        elif eval_ex and (o.final_eval_loss if o.final_eval_loss is not None else True):  # asked, or the result
+            eval_loss, eval_loss_step = evaluate_loss(model, eval_ex, o.eval_batch_size, pad_id), step
+            metrics.write({"step": step, "eval_loss": eval_loss})
         results.update(accuracy_before=before, accuracy_after=after, exit_code=0, steps_done=step)
         if main:
             lorakit.save_adapter(model, out / "adapter")
-    results["eval_loss"] = eval_loss
+    results["eval_loss"], results["eval_loss_step"] = eval_loss, eval_loss_step
     results["total_seconds"] = time.time() - t_start
     results["out"] = str(out)
     if main:
