@@ -113,6 +113,15 @@ def prefix_groups(rows: list[_Row]) -> list[tuple[int, list[_Row]]]:
     return groups
 
 
+def _cache_arg(module: nn.Module) -> str:
+    """Returns the name a forward takes its KV cache by: `cache` (newer transformers) or `past_key_values`."""
+    import inspect
+    try:
+        return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
+
+
 def _expand(cache, n: int):
     """Returns a copy of a batch-1 cache repeated n times along the batch."""
     out = copy.deepcopy(cache)
@@ -235,8 +244,8 @@ def _prefix_cache(model, ids: list[int]):
     from transformers import DynamicCache
     cache = DynamicCache()
     split = _head(model)  # the backbone alone when it can: the prefix's logits are never needed
-    (split[0] if split is not None else model)(**_on_model_device(model, {"input_ids": torch.tensor([ids])}),
-                                               past_key_values=cache, use_cache=True)
+    module = split[0] if split is not None else model
+    module(**_on_model_device(model, {"input_ids": torch.tensor([ids])}), **{_cache_arg(module): cache}, use_cache=True)
     return cache
 
 
@@ -265,8 +274,8 @@ def _forward_batch(model, batch: list[_Row], shared: int, cache, pad: int, eos: 
     if decoding and kv is None:
         from transformers import DynamicCache
         kv = DynamicCache()
-    inputs = dict(placed, past_key_values=kv, use_cache=decoding)
     split = _head(model)
+    inputs = dict(placed, use_cache=decoding, **{_cache_arg(split[0] if split is not None else model): kv})
     rows_at = [b for b, r in enumerate(batch) for _ in r.need]
     cols_at = [q - shared for r in batch for q in r.need]
     if split is not None:
@@ -327,7 +336,7 @@ def _continue(model, rows: list[_Row], which: list[int], kv, mask: torch.Tensor,
     steps = 0
     while any(live):
         mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
-        logits = model(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=kv,
+        logits = model(input_ids=tok, attention_mask=mask, position_ids=pos, **{_cache_arg(model): kv},
                        use_cache=True, logits_to_keep=1).logits[:, -1]
         steps += 1
         nxt = logits.argmax(-1).tolist()
