@@ -10,7 +10,7 @@ on the meta device and materialized one decoder layer at a time (quantized right
 building never holds an fp32 copy the training loop would not: the peak is the training peak. Also recorded:
 the RSS before the model existed (Python + torch + transformers + bitsandbytes), and the training-only peak
 from /proc/self/status VmHWM after resetting it (Linux clear_refs), when the kernel allows that. The loss is
-the training loop's own (`lorakit.train.loop.loss_sum`: the chunked output head for Llama-style models), so
+the training loop's own (`lorakit.train.step.loss_sum`: the chunked output head for Llama-style models), so
 both modes spend memory the way `lorakit train` does. Workers run with glibc's default allocator settings,
 what a user gets; --malloc-mmap-threshold N fixes glibc's mmap threshold instead, which returns freed
 temporaries to the OS at once (both peaks drop, steps get slower from page faults).
@@ -123,7 +123,7 @@ def worker(args) -> None:
 
     import lorakit
     from lorakit.quant import memory_report
-    from lorakit.train.loop import loss_sum
+    from lorakit.train.step import loss_sum
 
     baseline = peak_rss_bytes()
     quantized = args.worker == "qlora"
@@ -141,7 +141,7 @@ def worker(args) -> None:
 
     batch = {"input_ids": x, "labels": x}
 
-    def step() -> tuple[float, float]:  # the loss as `lorakit train` computes it (train.loop.loss_sum)
+    def step() -> tuple[float, float]:  # the loss as `lorakit train` computes it (train.step.loss_sum)
         t0 = time.perf_counter()
         total, n = loss_sum(model, batch)
         loss = total / n

@@ -16,7 +16,7 @@ utilisation is recorded either way. Modes:
     full        every weight trainable, AdamW
     floor       every weight frozen, gradients only w.r.t. the input embeddings (no optimizer)
     lorakit-gc  lorakit with gradient checkpointing (non-reentrant)
-    lorakit-gc-ce   lorakit-gc with the recipe's loss, lorakit.train.loop.loss_sum: for Llama-style models the
+    lorakit-gc-ce   lorakit-gc with the recipe's loss, lorakit.train.step.loss_sum: for Llama-style models the
                 chunked head (functional.linear_cross_entropy) never holds all 4 x 256 x 32000 logits; same loss.
                 This is what `lorakit train --gradient-checkpointing` runs
     compile     lorakit with its decoder blocks compiled (lorakit.compiling.compile_blocks), as `lorakit train
@@ -161,11 +161,11 @@ def train_step_fn(mode: str, a):
             x = emb(ids).detach().requires_grad_(True)
             model(inputs_embeds=x, labels=ids).loss.backward()
     elif mode == "lorakit-gc-ce":
-        from lorakit.train.loop import chunked_head, loss_sum
+        from lorakit.train.step import chunked_head, loss_sum
         assert chunked_head(model) is not None
         batch = {"input_ids": ids, "labels": ids}
 
-        def step():  # the recipe's loss (train.loop.loss_sum): the mean next-token loss, never all N x vocab logits
+        def step():  # the recipe's loss (train.step.loss_sum): the mean next-token loss, never all N x vocab logits
             opt.zero_grad(set_to_none=True)
             total, n = loss_sum(model, batch)
             (total / n).backward()

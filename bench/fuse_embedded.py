@@ -20,7 +20,7 @@ def main(rounds: int = 3, batch: int = 8, rows: int = 64) -> float:
     import lorakit
     from lorakit.models import load_model
     from lorakit.train.data import collate, embedded_dataset, tokenize_records
-    from lorakit.train.loop import loss_sum
+    from lorakit.train.step import loss_sum
 
     torch.set_num_threads(2)
     base, tok = load_model("default")

@@ -1,13 +1,13 @@
 """The whole default job: `lorakit train` against TRL's SFTTrainer + PEFT, the script most users would write.
 
-    parent ─┬─ lorakit rows: the recipe's own tokenization and batch order (train.loop.iterate_batches)
+    parent ─┬─ lorakit rows: the recipe's own tokenization and batch order (train.batching.iterate_batches)
             ├─ run 1: `python -m lorakit train seed=S ...` (a subprocess; its RssAnon sampled every 50 ms)
             ├─ run 2: this file --worker trl (a subprocess): SFTTrainer + peft.LoraConfig on exactly those rows,
             │         token ids, response-only loss masks and row order; it records every batch it collated
             ├─ check: both saw the same token ids and loss masks, batch by batch
             └─ score: both adapters by the same evaluator (`lorakit eval --json`: held-out exact-match accuracy)
 
-Same base (the embedded SmolLM2-135M-Instruct, loaded by lorakit.models.load_model on both sides), same
+Same base (the embedded SmolLM2-135M-Instruct, loaded by lorakit.loading.pretrained.load_model on both sides), same
 training rows, chat template and masks, 60 steps of batch 8, AdamW lr 1e-3 (betas 0.9/0.999, no weight decay,
 clip 1.0) with lorakit's warmup + cosine schedule (TRL gets it as a LambdaLR over lorakit's lr_factor), LoRA r=16
 alpha=32 on all linear layers, seed S; fp32, no gradient checkpointing, no evaluation during training, no
@@ -67,21 +67,16 @@ def lorakit_batches(a, seed: int) -> list[list[dict]]:
 
     Computed by the recipe's own functions (tokenize_training, iterate_batches) for the same options.
     """
-    from lorakit.models import load_model
-    from lorakit.train.loop import DataPosition, iterate_batches
-    from lorakit.train.recipe import load_data, tokenize_training
+    from lorakit.loading.pretrained import load_model
+    from lorakit.train.batching import DataPosition, iterate_batches
+    from lorakit.train.prepare import load_data, tokenize_training
 
     o = lorakit_options(a, seed)
     _, tokenizer = load_model(o.model)
     examples, _ = tokenize_training(o, load_data(o, tokenizer, lambda *x: None)["train_records"], tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    stream = iterate_batches(examples, o.batch_size, o.seed, DataPosition(), pad, **grouping(o))
+    stream = iterate_batches(examples, o.batch_size, o.seed, DataPosition(), pad, group_by_length=o.group_by_length)
     return [uncollate(next(stream)) for _ in range(o.max_steps * o.grad_accum)]
-
-
-def grouping(o) -> dict:
-    """Returns iterate_batches' length-grouping argument for the options (none on a lorakit without it)."""
-    return {"group_by_length": o.group_by_length} if hasattr(o, "group_by_length") else {}
 
 
 def uncollate(batch) -> list[dict]:
@@ -115,8 +110,8 @@ def trl_worker(spec: dict) -> None:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from lorakit.models import load_model
-    from lorakit.train.loop import lr_factor
+    from lorakit.loading.pretrained import load_model
+    from lorakit.train.optim import lr_factor
 
     rows = json.loads(Path(spec["rows"]).read_text())
     model, tokenizer = load_model(spec["model"])  # the same base weights lorakit loads

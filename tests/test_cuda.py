@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 import lorakit
 from lorakit.config import LoraConfig
-from lorakit.functional import linear_cross_entropy, lora_linear, lora_linear_shared
+from lorakit.ops.cross_entropy import linear_cross_entropy
+from lorakit.ops.lora import lora_linear, lora_linear_shared
 
 DEVICE = os.environ.get("LORAKIT_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
@@ -131,7 +132,7 @@ def test_mixed_adapter_batch_rows_equal_single_adapter_runs():
 
 @pytest.mark.parametrize("offload", [False, True])
 def test_gradient_checkpointing_gives_the_same_gradients(offload):
-    from lorakit.checkpointing import enable_gradient_checkpointing
+    from lorakit.model.activation_checkpointing import enable_gradient_checkpointing
     grads = []
     for checkpointing in (False, True):
         model = randomize(lorakit.inject(tiny_llama(dtype=torch.float32), LoraConfig(r=4, lora_alpha=8,
@@ -151,14 +152,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(offload):
 
 
 def test_one_pass_heldout_answers_equal_generate():
-    from lorakit.train import heldout, loop
+    from lorakit.train import heldout
+    from lorakit.train.evaluate import greedy_generate
     from train_fixtures import alpaca_rows, tiny_model, tiny_tokenizer
     tok = tiny_tokenizer()
     model = tiny_model(len(tok)).to(DEVICE)
     torch.manual_seed(1)
     randomize(lorakit.inject(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")), std=0.2)
     rows = alpaca_rows(12, seed=3)
-    want = [loop.greedy_generate(model, tok, [p], 5, 1)[0]
+    want = [greedy_generate(model, tok, [p], 5, 1)[0]
             for p in (heldout.render_prompt(r, tok, "alpaca") for r in rows)]
     got = heldout.evaluate_heldout(model, tok, rows, "alpaca", batch_size=4, max_new_tokens=5)
     assert got.answers == want and got.target_tokens > 0
@@ -166,7 +168,7 @@ def test_one_pass_heldout_answers_equal_generate():
 
 def test_qlora_nf4_layer_trains_on_the_device():
     pytest.importorskip("bitsandbytes")
-    from lorakit.quant import quantize
+    from lorakit.model.quantize import quantize
     model = tiny_llama(dtype=torch.float32)
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}
     quantize(model)

@@ -143,8 +143,7 @@ class LoraConfig:
     def scale_for(self, module_name: str, rank: int | None = None) -> float:
         """Returns the update scale of a module: alpha/r, or alpha/sqrt(r) with use_rslora."""
         r = self.rank_for(module_name) if rank is None else rank
-        alpha = self.alpha_for(module_name)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return lora_scale(self.alpha_for(module_name), r, self.use_rslora)
 
     def slices_for(self, module_name: str) -> list[bool] | None:
         """Returns the enable_lora slice mask for a fused module, or None for a plain one."""
@@ -193,6 +192,16 @@ class LoraConfig:
             if key not in names:
                 raise ConfigError(f"unknown LoRA option {key!r}.{did_you_mean(key, names)}")
         return cls(**data)
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """Returns the update scale s of h = W0·x + s·B·A·x: alpha/r, or alpha/sqrt(r) with rsLoRA (the one formula)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def alpha_for_scale(scale: float, r: int, use_rslora: bool = False) -> float:
+    """Returns the lora_alpha that gives update scale `scale` at rank r (the inverse of lora_scale)."""
+    return scale * (math.sqrt(r) if use_rslora else r)
 
 
 def _is_int(v: Any) -> bool:

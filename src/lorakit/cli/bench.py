@@ -28,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "bench", help="benchmark lorakit LoRA vs PEFT vs full fine-tuning vs the floor (step time, memory)",
         description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     try:
-        bench = _load()
+        bench = load_bench_script()
     except ConfigError as e:
         p.set_defaults(func=lambda args: _missing(e))
         return p
@@ -41,7 +41,7 @@ def _missing(error: ConfigError) -> int:
     raise error
 
 
-def _load():
+def load_bench_script():
     """Returns bench/bench_train.py loaded as a module; raises ConfigError when the checkout lacks it."""
     path = script_path()
     if not path.is_file():

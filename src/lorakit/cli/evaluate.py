@@ -37,28 +37,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use at most N rows (default: all)")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows instead of stopping")
     p.add_argument("--no-merge", action="store_true", help="keep the adapter unmerged (default: fold it into the "
-                   "base weights for the eval, as serving does; same answers, less work per token)")
+                   "base weights for the eval, as serving does; the same answers, less work per token)")
     p.set_defaults(func=run)
     return p
-
-
-def merge_for_inference(model) -> bool:
-    """Folds the loaded adapter into the base weights (nothing trains after an eval, so the LoRA branch's extra
-    small matmuls per layer are pure overhead); returns False where it is left unmerged (a 4-bit base)."""
-    import lorakit
-    from lorakit.quant import is_quantized
-    if is_quantized(model):
-        return False
-    lorakit.merge(model)
-    return True
 
 
 def evaluate(args: argparse.Namespace) -> dict:
     """Returns {accuracy, loss, n, per_task, model, adapter, data} for the parsed arguments."""
     from lorakit.errors import ConfigError, DataError
     from lorakit.train.data import embedded_dataset, load_records
-    from lorakit.train.loop import evaluate_accuracy
-    from lorakit.train.recipe import load_for_inference
+    from lorakit.train.evaluate import evaluate_accuracy
+    from lorakit.train.inference import load_for_inference, merge_for_inference
 
     for name in ("batch_size", "max_new_tokens", "max_seq_len"):
         if getattr(args, name) < 1:

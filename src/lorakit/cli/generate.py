@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs `lorakit generate`; returns the exit status."""
     from lorakit.errors import ConfigError
     from lorakit.train.data import render_prompt
-    from lorakit.train.loop import greedy_generate
+    from lorakit.train.evaluate import greedy_generate
     from lorakit.train.recipe import load_for_inference
 
     if not args.chat and not args.prompt:

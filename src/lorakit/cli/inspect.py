@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from lorakit.io import WEIGHTS_NAME, read_adapter, read_metadata
-from lorakit.rank import group_factors
+from lorakit.analysis.spectrum import group_factors
 
 
 def adapter_report(directory: str | Path, allow_pickle: bool = False) -> dict:

@@ -18,12 +18,12 @@ def merge_to_folder(base: str | None, adapter: str, out: str, dtype: str = "floa
 
     import lorakit
     from lorakit.io import atomic_write_dir, check_output_dir
-    from lorakit.models import load_model
+    from lorakit.loading.pretrained import load_model
 
     check_output_dir(out)  # before the expensive part: a bad --out fails at once
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     model, tokenizer = load_model(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    from lorakit.quant import merge_and_unload_quantized
+    from lorakit.model.merge import merge_and_unload_quantized
     if quantize == "nf4":
         lorakit.quantize(model)
     lorakit.load_adapter(model, adapter, allow_pickle=allow_pickle)

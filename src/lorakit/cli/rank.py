@@ -17,7 +17,7 @@ import json
 import re
 from pathlib import Path
 
-from lorakit import rank as R
+from lorakit.analysis import spectrum as R
 from lorakit.errors import AdapterFileError, ConfigError, did_you_mean
 
 TOP_SHOWN = 3  # singular values shown per row of the table; --json has all of them

@@ -79,7 +79,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def space_from_args(args: argparse.Namespace):
     """Returns the SearchSpace the flags describe (defaults for those not given)."""
-    from lorakit.search import SearchSpace, parse_target_sets
+    from lorakit.train.search import SearchSpace, parse_target_sets
 
     kw = {}
     if args.ranks is not None:
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs the search, prints the table and writes the files; returns the exit status."""
     from rich.console import Console
 
-    from lorakit.search import results_table, run_search, write_outputs
+    from lorakit.train.search import results_table, run_search, write_outputs
 
     if args.trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {args.trials}")

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if (getattr(args, "nproc", None) or 1) > 1:  # distributed: relaunch under torchrun (lorakit.train.distributed)
         from lorakit.train.distributed import launch_local
         return launch_local(args.nproc, options)
-    from lorakit.train.loop import is_main_process
+    from lorakit.train.runtime import is_main_process
     console = Console(stderr=False, quiet=not is_main_process())  # under torchrun only rank 0 prints
     results = train(options, command=command_line(options), console=console)
     if results.get("accuracy_before") or results.get("accuracy_after"):

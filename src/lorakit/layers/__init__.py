@@ -1,4 +1,4 @@
-"""One LoRA wrapper per base-layer kind; each holds its frozen base layer."""
+"""One LoRA wrapper per base-layer kind; each holds its frozen base layer. registry.py lists the kinds."""
 from lorakit.layers.base import LoraLayer
 from lorakit.layers.conv import LoraConv
 from lorakit.layers.embedding import LoraEmbedding

@@ -6,8 +6,6 @@ The update's weight is B·A with the kernel dims kept: ΔW[o, i, ...] = s·Σ_j 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -20,6 +18,8 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 class LoraConv(LoraLayer):
     """LoRA around an nn.Conv1d, nn.Conv2d or nn.Conv3d (groups == 1)."""
 
+    kind = "conv"
+
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         if base_layer.groups != 1:
@@ -28,7 +28,7 @@ class LoraConv(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
-    def _create(self, name: str, r: int) -> None:
+    def create_factors(self, name: str, r: int) -> None:
         b, conv = self.base_layer, _CONV[self.ndim]
         self.lora_A[name] = conv(b.in_channels, r, b.kernel_size, b.stride, b.padding, b.dilation,
                                  bias=False, padding_mode=b.padding_mode)
@@ -37,20 +37,6 @@ class LoraConv(LoraLayer):
     def factors(self, name):
         return self.lora_A[name].weight, self.lora_B[name].weight
 
-    @torch.no_grad()
-    def _init(self, name: str, init: str) -> None:
-        A, B = self.factors(name)
-        if init in ("pissa", "olora"):
-            raise ConfigError(f"init_lora_weights={init!r} is supported on linear layers only, not convolutions")
-        if init == "gaussian":
-            nn.init.normal_(A, std=1 / self.r[name])
-        else:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        if init == "none":
-            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(B)
-
     def delta_weight(self, name: str) -> torch.Tensor:
         A, B = self.factors(name)
         r = self.r[name]
@@ -58,7 +44,7 @@ class LoraConv(LoraLayer):
         return self.scaling[name] * dense.reshape(self.base_layer.weight.shape)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        live = self._live
+        live = self.live
         result = self.base_layer(x, *args, **kwargs)
         if not live:
             return result
@@ -67,8 +53,8 @@ class LoraConv(LoraLayer):
             lx = x if lx is None else lx
             A = self.lora_A[name]
             upd = self.lora_B[name](A(lx.to(A.weight.dtype))) * self.scaling[name]
-            if self._row_adapters is not None:
-                mask = torch.tensor([n == name for n in self._row_adapters], device=x.device)
+            if self.row_adapters is not None:
+                mask = torch.tensor([n == name for n in self.row_adapters], device=x.device)
                 upd = upd * mask.view(-1, *([1] * (upd.dim() - 1)))
             result = result + upd.to(result.dtype)
         return result

@@ -11,19 +11,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.errors import ConfigError
 from lorakit.layers.base import LoraLayer
 
 
 class LoraEmbedding(LoraLayer):
     """LoRA around an nn.Embedding."""
 
+    kind = "embedding"
+
     def __init__(self, base_layer: nn.Embedding):
         super().__init__(base_layer)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
-    def _create(self, name: str, r: int) -> None:
+    def create_factors(self, name: str, r: int) -> None:
         V, d = self.base_layer.weight.shape
         self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, V))
         self.lora_embedding_B[name] = nn.Parameter(torch.empty(d, r))
@@ -31,16 +32,12 @@ class LoraEmbedding(LoraLayer):
     def factors(self, name):
         return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
-    @torch.no_grad()
-    def _init(self, name: str, init: str) -> None:
+    def init_pair(self, name):
         A, B = self.factors(name)
-        if init in ("pissa", "olora"):
-            raise ConfigError(f"init_lora_weights={init!r} is supported on linear layers only, not embeddings")
-        nn.init.normal_(B)
-        if init == "none":
-            nn.init.normal_(A)
-        else:
-            nn.init.zeros_(A)
+        return B, A  # the roles flip: gathered rows of A start at zero, B is drawn
+
+    def draw_(self, t, name, gaussian=False):
+        nn.init.normal_(t)  # as nn.Embedding draws its weight (PEFT and loralib do the same)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         A, B = self.factors(name)
@@ -55,12 +52,12 @@ class LoraEmbedding(LoraLayer):
         return (self._embed(x, A.t()) @ B.t()) * self.scaling[name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        live = self._live
+        live = self.live
         result = self.base_layer(x, *args, **kwargs)
         if not live:
             return result
-        if self._row_adapters is not None:
-            rows = self._row_adapters
+        if self.row_adapters is not None:
+            rows = self.row_adapters
             for name in dict.fromkeys(rows):
                 if name in live:
                     mask = torch.tensor([n == name for n in rows], device=x.device)

@@ -21,7 +21,7 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapters: tuple[str, ...] = ()
         self.disabled = False
-        self._row_adapters: list[str] | None = None  # set only during a mixed-adapter batch
+        self.row_adapters: list[str] | None = None  # set only during a mixed-adapter batch
 
     @property
     def adapter_names(self) -> list[str]:
@@ -49,6 +49,14 @@ class ModulesToSave(nn.Module):
         """Runs the original module while disabled."""
         self.disabled = disabled
 
+    def begin_mixed_batch(self, rows: list[str]) -> None:
+        """Enters a mixed batch: row i runs the copy of adapter rows[i] (the original for any other name)."""
+        self.row_adapters = rows
+
+    def end_mixed_batch(self) -> None:
+        """Leaves a mixed batch."""
+        self.row_adapters = None
+
     def active_module(self) -> nn.Module:
         """Returns the module that forward runs."""
         if self.disabled or not self.active_adapters:
@@ -56,7 +64,7 @@ class ModulesToSave(nn.Module):
         return self.modules_to_save[self.active_adapters[0]]
 
     def forward(self, x, *args, **kwargs):
-        rows = self._row_adapters
+        rows = self.row_adapters
         if rows is None:
             return self.active_module()(x, *args, **kwargs)
         # Mixed batch: every row runs through its adapter's copy (or the original for "__base__").

@@ -24,9 +24,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorakit.errors import LorakitError
+from lorakit.errors import ConfigError, LorakitError
 from lorakit.io import atomic_write_dir, save_adapter
-from lorakit.train.loop import DataPosition, rng_state, set_rng_state
+from lorakit.train.batching import DataPosition
+from lorakit.train.runtime import RUNS, rng_state, set_rng_state
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "complete"
@@ -121,3 +122,26 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer, scheduler) 
     set_rng_state(torch.load(f / "rng.pt", weights_only=True))
     state = json.loads((f / "state.json").read_text())
     return state, DataPosition(int(state["epoch"]), int(state["batch_index"]))
+
+
+def resolve_resume(resume: str | None, out: str | None, log=print) -> tuple[Path | None, Path | None]:
+    """Returns (output folder, checkpoint folder) for --resume: 'latest', a run folder, or a checkpoint folder."""
+    if not resume:
+        return (Path(out) if out else None), None
+    if resume == "latest":
+        run = Path(out) if out else None
+        if run is None:
+            runs = sorted((p for p in RUNS.glob("*") if (p / "checkpoints").is_dir()), key=lambda p: p.stat().st_mtime)
+            if not runs:
+                raise ConfigError("--resume: no run with checkpoints in runs/; pass --out FOLDER of the run to resume")
+            run = runs[-1]
+    else:
+        run = Path(resume)
+        if not run.exists():
+            raise ConfigError(f"--resume: {run} does not exist")
+        if (run / "state.json").exists() or (run / "complete").exists():  # a checkpoint folder itself
+            return run.parent.parent, run
+    ckpt = find_latest_checkpoint(run, log)
+    if ckpt is None:
+        raise ConfigError(f"--resume: no complete checkpoint in {run / 'checkpoints'}")
+    return run, ckpt

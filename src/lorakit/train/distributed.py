@@ -31,7 +31,8 @@ import torch.distributed as dist
 from torch import nn
 
 from lorakit.errors import ConfigError, LorakitError
-from lorakit.train.loop import dist_env
+from lorakit.ops.nf4 import is_4bit
+from lorakit.train.runtime import default_out_dir, dist_env, local_device
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 
@@ -45,13 +46,6 @@ def launched_by_torchrun() -> bool:
 def backend() -> str:
     """Returns the process-group backend: NCCL for CUDA tensors (with gloo for CPU ones), gloo without CUDA."""
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-
-
-def local_device() -> torch.device:
-    """Returns this process's device: cuda:LOCAL_RANK when CUDA is present, else cpu."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 def is_distributed() -> bool:
@@ -84,7 +78,7 @@ def global_tokens(n_local: int) -> tuple[int, int]:
     """
     if not is_distributed() or dist.get_world_size() == 1:
         return n_local, 1
-    t = torch.tensor([float(n_local)], device=_comm_device())
+    t = torch.tensor([float(n_local)], device=comm_device())
     dist.all_reduce(t)
     return int(t.item()), dist.get_world_size()
 
@@ -93,7 +87,7 @@ def global_sum(x: float) -> float:
     """Returns x summed over ranks (x itself in a single process)."""
     if not is_distributed() or dist.get_world_size() == 1:
         return x
-    t = torch.tensor([float(x)], dtype=torch.float64, device=_comm_device())
+    t = torch.tensor([float(x)], dtype=torch.float64, device=comm_device())
     dist.all_reduce(t)
     return float(t.item())
 
@@ -102,12 +96,22 @@ def agree_stop(signum: int | None) -> int | None:
     """Returns the signal any rank caught (so every rank stops after the same step), or None."""
     if not is_distributed() or dist.get_world_size() == 1:
         return signum
-    t = torch.tensor([signum or 0], device=_comm_device())
+    t = torch.tensor([signum or 0], device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item()) or None
 
 
-def _comm_device() -> torch.device:
+def global_sums(*values: float) -> tuple[float, ...]:
+    """Returns the values summed over ranks in one all-reduce (the values themselves in a single process)."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t)
+    return tuple(t.tolist())
+
+
+def comm_device() -> torch.device:
+    """Returns the device collectives use: this process's GPU under NCCL, else the CPU."""
     return local_device() if "nccl" in str(dist.get_backend()) and torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -193,7 +197,7 @@ def shard_fsdp(model: nn.Module) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    quantized = [n for n, p in model.named_parameters() if type(p).__name__ == "Params4bit"]
+    quantized = [n for n, p in model.named_parameters() if is_4bit(p)]
     if quantized:
         raise LorakitError(
             f"--strategy fsdp cannot shard a 4-bit (QLoRA, quantize=nf4) base: bitsandbytes' Params4bit "
@@ -255,7 +259,6 @@ def launch_local(nproc: int, options) -> int:
     if nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {nproc}")
     if options.out is None and not options.resume:  # one run folder for all ranks, named here
-        from lorakit.train.recipe import default_out_dir
         options.out = str(default_out_dir())
     with tempfile.TemporaryDirectory(prefix="lorakit-launch-") as tmp:
         config = os.path.join(tmp, "run.yaml")

@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.train.data import IGNORE_INDEX, render_prompt, tokenize_records
+from lorakit.train.data import IGNORE_INDEX, collate, render_prompt, tokenize_records
+from lorakit.train.runtime import model_device, to_device
+from lorakit.train.step import chunked_head, loss_sum
 
 SHARED_MIN = 8  # a group shares its prefix's KV cache only when the prefix is at least this many tokens
 ONE_PASS_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2")
@@ -74,9 +76,8 @@ def one_pass_supported(model: nn.Module) -> bool:
 
 
 def _on_model_device(model: nn.Module, batch: dict) -> dict:
-    """Returns the batch's tensors on the model's device (the training loop's model_device / to_device)."""
-    from lorakit.train import loop
-    return loop.to_device(batch, loop.model_device(model))
+    """Returns the batch's tensors on the model's device (runtime.model_device / to_device)."""
+    return to_device(batch, model_device(model))
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
@@ -251,8 +252,7 @@ def _prefix_cache(model, ids: list[int]):
 
 def _head(model):
     """Returns (backbone, head) when the logits are exactly head(backbone's last hidden state), else None."""
-    from lorakit.train.loop import chunked_head
-    return chunked_head(model)
+    return chunked_head(model)  # the training step's rule (lorakit.train.step)
 
 
 def _forward_batch(model, batch: list[_Row], shared: int, cache, pad: int, eos: int | None, max_new: int,
@@ -353,7 +353,6 @@ def generate_ids(model: nn.Module, prompts: Sequence[list[int]], max_new_tokens:
     """Returns the greedy continuation ids of each prompt via model.generate (batched, left-padded, KV cache)."""
     from transformers import GenerationConfig
 
-    from lorakit.train.data import collate
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
     out: list[list[int]] = [[] for _ in prompts]
@@ -369,8 +368,6 @@ def generate_ids(model: nn.Module, prompts: Sequence[list[int]], max_new_tokens:
 
 def _plain_loss(model, examples: list[dict], batch_size: int, pad: int) -> tuple[float, int]:
     """Returns (summed loss, target tokens) of examples by padded forwards, batches sorted by length."""
-    from lorakit.train.data import collate
-    from lorakit.train.loop import loss_sum
     examples = sorted(examples, key=lambda e: len(e["input_ids"]))
     total, n = 0.0, 0
     for s in range(0, len(examples), batch_size):

@@ -34,8 +34,8 @@ def _opt(default, help: str):
 
 
 @dataclass
-class TrainOptions:
-    """Everything a training run needs. Field order is the order of `lorakit train --help`."""
+class _RunOptions:
+    """The run's own options (model, data, optimization, evaluation); the LoRA fields follow them."""
 
     # -- model and data
     model: str = _opt("default", "base model: 'default' (embedded SmolLM2-135M-Instruct), a transformers "
@@ -74,12 +74,12 @@ class TrainOptions:
     min_lr_ratio: float = _opt(0.0, "the cosine schedule ends at lr * min_lr_ratio")
     lora_plus_ratio: float = _opt(1.0, "LoRA+: the B matrices learn at lr * ratio (1 = plain LoRA; paper: 16)")
     max_grad_norm: float | None = _opt(1.0, "clip the gradient norm to this; none = no clipping")
-    gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory, ~30% slower)")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory, slower steps; README, Performance)")
     offload_activations: bool = _opt(False, "with gradient_checkpointing on CUDA: keep the checkpointed "
                                      "activations in (pinned) CPU memory instead of GPU memory")
     compile: bool = _opt(False, "torch.compile each decoder block for the training forward (one graph reused by "
-                         "every block; eval and generation stay eager): compiling costs ~35 s on 2 CPU cores, then "
-                         "each step is ~3-4% faster with ~10% less peak memory, so it pays off on long runs")
+                         "every block; eval and generation stay eager): compiling takes a while up front, then each step "
+                         "is faster with less peak memory, so it pays off on long runs (README, Performance)")
     nan_policy: str = _opt("stop", "on a NaN/Inf loss: stop (keep the last good checkpoint) or skip the step")
     seed: int = _opt(42, "seed for LoRA init, dropout and data order")
     quantize: str = _opt("none", "quantize the frozen base: none, nf4 (QLoRA: round to nearest) or nf4-gptq "
@@ -102,24 +102,54 @@ class TrainOptions:
     max_new_tokens: int = _opt(5, "generation length limit for accuracy (answers are short)")
     log_every: int = _opt(1, "write a metrics.jsonl line every N steps")
     progress: bool = _opt(True, "show a progress bar")
-    # -- LoRA (every LoraConfig field; see lorakit.LoraConfig)
-    r: int = _opt(16, "LoRA rank")
-    lora_alpha: float = _opt(32, "LoRA alpha (update scale = alpha / r)")
-    lora_dropout: float = _opt(0.0, "dropout on the LoRA input")
-    target_modules: list[str] | str | None = _opt("all-linear", "modules to adapt: names, a regex, or all-linear")
-    exclude_modules: list[str] | str | None = _opt(None, "modules never to adapt")
-    layers_to_transform: list[int] | None = _opt(None, "adapt only these layer indices")
-    layers_pattern: list[str] | str | None = _opt(None, "name of the layer list (PEFT field)")
-    rank_pattern: dict[str, int] = _opt({}, "per-module ranks {pattern: r}")
-    alpha_pattern: dict[str, float] = _opt({}, "per-module alphas {pattern: alpha}")
-    init_lora_weights: str = _opt("kaiming", "LoRA init: kaiming, gaussian, pissa, olora, none")
-    use_rslora: bool = _opt(False, "rank-stabilized scale alpha / sqrt(r)")
-    use_dora: bool = _opt(False, "DoRA (weight-decomposed LoRA)")
-    bias: str = _opt("none", "train biases: none, all, lora_only")
-    modules_to_save: list[str] | None = _opt(None, "modules trained in full and saved with the adapter")
-    fan_in_fan_out: bool = _opt(False, "base weights stored (in, out) (GPT-2 Conv1D; detected automatically)")
-    enable_lora: dict[str, list[bool]] | None = _opt(None, "fused projections: {pattern: [True, False, True]}")
-    task_type: str | None = _opt("CAUSAL_LM", "PEFT task type written to adapter_config.json")
+
+
+# The LoRA options are LoraConfig's own fields (a new LoRA option is added in config.py only); the training
+# defaults that differ from LoraConfig's, and the --help texts, live here.
+LORA_DEFAULTS: dict[str, Any] = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
+LORA_TYPES: dict[str, Any] = {  # narrower than LoraConfig's, so that command-line strings coerce as before
+    "layers_to_transform": list[int] | None, "init_lora_weights": str}
+LORA_HELP = {
+    "r": "LoRA rank", "lora_alpha": "LoRA alpha (update scale = alpha / r)",
+    "lora_dropout": "dropout on the LoRA input",
+    "target_modules": "modules to adapt: names, a regex, or all-linear", "exclude_modules": "modules never to adapt",
+    "layers_to_transform": "adapt only these layer indices", "layers_pattern": "name of the layer list (PEFT field)",
+    "rank_pattern": "per-module ranks {pattern: r}", "alpha_pattern": "per-module alphas {pattern: alpha}",
+    "init_lora_weights": "LoRA init: kaiming, gaussian, pissa, olora, none",
+    "use_rslora": "rank-stabilized scale alpha / sqrt(r)", "use_dora": "DoRA (weight-decomposed LoRA)",
+    "bias": "train biases: none, all, lora_only",
+    "modules_to_save": "modules trained in full and saved with the adapter",
+    "fan_in_fan_out": "base weights stored (in, out) (GPT-2 Conv1D; detected automatically)",
+    "enable_lora": "fused projections: {pattern: [True, False, True]}",
+    "task_type": "PEFT task type written to adapter_config.json",
+}
+
+
+def lora_field_names() -> list[str]:
+    """Returns the LoraConfig fields that are training options."""
+    return [f.name for f in dataclasses.fields(LoraConfig) if f.name not in _LORA_DERIVED]
+
+
+def _lora_option_fields() -> list[tuple[str, Any, dataclasses.Field]]:
+    """Returns (name, type, field) for every LoRA option, with the training default and help text."""
+    hints, out = typing.get_type_hints(LoraConfig), []
+    for f in dataclasses.fields(LoraConfig):
+        if f.name in _LORA_DERIVED:
+            continue
+        default = LORA_DEFAULTS.get(f.name, f.default if f.default is not dataclasses.MISSING
+                                    else f.default_factory())
+        help_text = LORA_HELP.get(f.name) or f.metadata.get("help") or "see lorakit.LoraConfig"
+        out.append((f.name, LORA_TYPES.get(f.name, hints[f.name]), _opt(default, help_text)))
+    return out
+
+
+_LoraOptions = dataclasses.make_dataclass("_LoraOptions", _lora_option_fields(), bases=(_RunOptions,))
+
+
+@dataclass
+class TrainOptions(_LoraOptions):
+    """Everything a training run needs. Field order is the order of `lorakit train --help`."""
+
     # -- adaptive rank (AdaLoRA-style, lorakit.adaptive): start at r, end at an average of adaptive_target_r
     adaptive_rank: bool = _opt(False, "prune the least important singular directions during training, from r "
                                "down to an average of adaptive_target_r per module; saves per-module ranks")
@@ -207,11 +237,6 @@ class TrainOptions:
     def to_dict(self) -> dict[str, Any]:
         """Returns the options as plain YAML-able data."""
         return dataclasses.asdict(self)
-
-
-def lora_field_names() -> list[str]:
-    """Returns the LoraConfig fields that are training options."""
-    return [f.name for f in dataclasses.fields(LoraConfig) if f.name not in _LORA_DERIVED]
 
 
 def option_fields() -> list[dataclasses.Field]:

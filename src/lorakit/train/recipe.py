@@ -1,397 +1,326 @@
-"""The LoRA fine-tuning recipe, top to bottom: what `lorakit train` runs.
+"""The LoRA fine-tuning recipe: what `lorakit train` runs, as stages a reader follows top to bottom.
 
-    load model -> device -> (quantize) -> data -> baseline accuracy -> inject LoRA -> (adaptive rank)
-    -> optimizer + schedule -> (resume) -> steps [progress bar, metrics, eval, checkpoints, NaN and signal checks]
-    -> (adaptive rank: finalize to per-module ranks) -> final eval + accuracy
-    -> adapter, metrics.jsonl, plot.png, config.yaml, README.md
+    Recipe.run():
+      setup_run        output folder (--resume), seeds
+      setup_model      load model -> device -> (nf4)                     skipped when a model is handed in
+      setup_data       read rows -> tokenize -> (GPTQ) -> (pack)         skipped when data is handed in
+      measure_baseline held-out accuracy of the un-tuned model
+      setup_lora       inject LoRA -> (gradient checkpointing, adaptive rank, compile)
+      setup_optimizer  optimizer_fn -> schedule -> (resume from a checkpoint) -> DDP/FSDP wrapper
+      run_steps        step_fn per step ──► hooks.on_step_end ──► (eval ──► hooks.on_eval) ──► checkpoints
+                       stops at n_steps, on SIGINT/SIGTERM, or when a hook's should_stop says so
+      finish           (adaptive: final ranks) -> final eval -> accuracy -> adapter, metrics, plot, README
 
-Only rank 0 (see loop.dist_env) prints and writes files, so the same recipe can run under torchrun.
+Hooks (lorakit.train.hooks.Hooks) watch or stop a run; `step_fn` and `optimizer_fn` replace the training
+step and the optimizer builder (bench, search). Only rank 0 (see runtime.dist_env) prints and writes files,
+so the same recipe can run under torchrun.
 """
 from __future__ import annotations
 
 import json
-import math
 import shlex
-import sys
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
-from lorakit.errors import ConfigError, DataError
-from lorakit.train.checkpoint import find_latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from lorakit.train.loop import (DataPosition, StopRequest, TrainingDiverged, build_optimizer, build_scheduler,
-                                dist_env, enable_gradient_checkpointing, evaluate_accuracy, evaluate_loss,
-                                iterate_batches, model_device, resolve_device, seed_everything, total_steps, train_step)
-from lorakit.train.options import TrainOptions, dump_yaml, load_options
+import lorakit
+from lorakit.errors import ConfigError, DataError  # noqa: F401  (re-exported: old import path)
+from lorakit.train.batching import DataPosition, iterate_batches, total_steps
+from lorakit.train.checkpoint import (find_latest_checkpoint, load_checkpoint, prune_checkpoints,  # noqa: F401
+                                      resolve_resume, save_checkpoint)
+from lorakit.train.distributed import agree_stop, wrap_for_distributed
+from lorakit.train.evaluate import evaluate_accuracy, evaluate_loss
+from lorakit.train.hooks import Hooks
+from lorakit.train.inference import load_for_inference  # noqa: F401  (re-exported: old import path)
+from lorakit.train.optim import SchedulerWithAdaptive, build_optimizer, build_scheduler
+from lorakit.train.options import TrainOptions, dump_yaml
+from lorakit.train.prepare import (SMALL_MODEL_PARAMS, RunData, calibration_inputs, load_data,  # noqa: F401
+                                   prepare_data, prepare_model, quantize_gptq, tokenize_training)
+from lorakit.train.progress import ProgressBar
 from lorakit.train.report import MetricsLog, plot_metrics, write_readme
+from lorakit.train.runtime import RUNS, StopRequest, default_out_dir, dist_env, model_device  # noqa: F401
+from lorakit.train.runtime import seed_everything
+from lorakit.train.step import TrainingDiverged, train_step
 
-RUNS = Path("runs")
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 
-def default_out_dir() -> Path:
-    """Returns runs/<YYYYmmdd-HHMMSS> (with a suffix if that exists)."""
-    base = RUNS / time.strftime("%Y%m%d-%H%M%S")
-    out, i = base, 1
-    while out.exists():
-        out, i = Path(f"{base}-{i}"), i + 1
-    return out
+class Recipe:
+    """One training run; its stages share state as attributes (model, data, optimizer, step, results ...)."""
+
+    def __init__(self, o: TrainOptions, command: str | None = None, console=None, hooks: Sequence[Hooks] = (), *,
+                 step_fn: Callable | None = None, optimizer_fn: Callable | None = None, write_files: bool = True,
+                 model=None, tokenizer=None, data: RunData | None = None, log: Callable | None = None) -> None:
+        self.o, self.command, self.console, self.hooks = o, command, console, list(hooks)
+        # looked up here, not bound as defaults, so that a test may still patch recipe.train_step
+        self.step_fn, self.optimizer_fn = step_fn or train_step, optimizer_fn or build_optimizer
+        self.write_files = write_files
+        self.model, self.tokenizer, self.data = model, tokenizer, data
+        self.rank, self.world = dist_env()
+        self.main = self.rank == 0
+        self.writes = self.main and write_files
+        if log is None:
+            log = console.print if console is not None else print
+        self.say = log if self.main else (lambda *a, **k: None)
+        self.step, self.tokens_seen, self.position = 0, 0, DataPosition()
+        self.controller, self.ckpt, self.before = None, None, None
+        self.last_loss, self.eval_loss, self.eval_step = float("nan"), float("nan"), None
+        self.stopped, self.stop_signal, self.step_seconds = None, None, 0.0
+
+    def run(self) -> dict:
+        """Runs every stage; returns the results dict (also written to out/results.json)."""
+        self.setup_run()
+        if self.model is None:
+            self.setup_model()
+        if self.data is None:
+            self.setup_data()
+        self.describe()
+        self.measure_baseline()
+        self.setup_lora()
+        self.setup_optimizer()
+        self.run_steps()
+        return self.finish()
+
+    # ------------------------------------------------------------------------------------------ set up
+    def setup_run(self) -> None:
+        """Picks the output folder (and the checkpoint to resume from) and seeds every generator."""
+        o = self.o
+        self.t_start = time.time()
+        out, self.ckpt = resolve_resume(o.resume, o.out, self.say)
+        self.out = out or default_out_dir()
+        o.out = str(self.out)
+        seed_everything(o.seed)
+
+    def setup_model(self) -> None:
+        """Loads (and maybe quantizes) the base model and its tokenizer."""
+        self.say(f"loading model {self.o.model} ...")
+        self.model, self.tokenizer = prepare_model(self.o, self.say)
+
+    def setup_data(self) -> None:
+        """Reads and tokenizes the training and held-out rows; then, with inputs known good, makes the run folder."""
+        self.data = prepare_data(self.o, self.model, self.tokenizer, load_data(self.o, self.tokenizer, self.say),
+                                 self.say)
+        # Only now, with model and data loaded, does the run get a folder: a bad input leaves nothing behind and
+        # never overwrites the config.yaml an earlier run (and its --resume) depends on.
+        if self.writes and self.ckpt is None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(dump_yaml(self.o), encoding="utf-8")
+
+    def describe(self) -> None:
+        """Counts the steps and starts the results dict and the metrics log."""
+        o, d, model = self.o, self.data, self.model
+        self.n_steps = total_steps(len(d.train_examples), o.batch_size, o.grad_accum, o.max_steps, o.epochs,
+                                   self.world)
+        self.do_acc = o.accuracy and bool(d.eval_records)
+        self.metrics = MetricsLog(self.out, enabled=self.writes)
+        self.results = {"options": o.to_dict(), "command": self.command or "lorakit train", "world_size": self.world,
+                        "model_name": getattr(model.config, "_name_or_path", o.model),
+                        "model_parameters": sum(p.numel() for p in model.parameters()), "data_name": d.name,
+                        "train_examples": len(d.train_examples), "truncated": d.stats.get("truncated", 0),
+                        "skipped_rows": d.skipped, "eval_rows": len(d.eval_records), "steps": self.n_steps}
+
+    def accuracy(self, with_loss: bool = False) -> dict:
+        """Returns evaluate_accuracy of the model now on the held-out rows (with_loss: and their loss, from the
+        same forward)."""
+        o = self.o
+        return evaluate_accuracy(self.model, self.tokenizer, self.data.eval_records, template=o.template,
+                                 system=o.system, batch_size=o.eval_batch_size, max_new_tokens=o.max_new_tokens,
+                                 with_loss=with_loss, max_seq_len=o.max_seq_len)
+
+    def measure_baseline(self) -> None:
+        """Measures the un-tuned model's accuracy (skipped on resume: the first run measured it)."""
+        if self.do_acc and self.o.baseline_eval and self.ckpt is None:
+            self.say(f"measuring the un-tuned model's accuracy on {len(self.data.eval_records)} held-out rows ...")
+            self.before = self.accuracy()
+            self.metrics.write({"step": 0, "accuracy": self.before["accuracy"], "per_task": self.before["per_task"],
+                                "phase": "before"})
+            self.say(f"before training: accuracy {100 * self.before['accuracy']:.1f}%")
+
+    def setup_lora(self) -> None:
+        """Injects LoRA (with gradient checkpointing, adaptive rank and torch.compile when asked)."""
+        o, model = self.o, self.model
+        torch.manual_seed(o.seed)  # LoRA init independent of whatever ran before
+        lorakit.inject(model, o.lora_config())
+        if o.gradient_checkpointing:
+            from lorakit.model.activation_checkpointing import enable_gradient_checkpointing
+            enable_gradient_checkpointing(model, offload=o.offload_activations)
+        if o.adaptive_rank:  # before the optimizer: it swaps the A factors for P·diag(λ)·Q triplets
+            from lorakit.train.adaptive import enable_adaptive_rank
+            warmup, final = o.adaptive_phases(self.n_steps)
+            c = self.controller = enable_adaptive_rank(model, None, o.adaptive_target(), self.n_steps, warmup, final,
+                                                       orth_reg=o.adaptive_orth_reg, interval=o.adaptive_interval,
+                                                       seed=o.seed)
+            self.say(f"adaptive rank: r={o.r} -> an average of {o.adaptive_target()} over {len(c.layers)} modules "
+                     f"(budget {c.init_budget} -> {c.target_budget}; warmup {warmup}, final {final} steps)")
+        if o.compile:
+            from lorakit.model.compiling import compile_blocks
+            # dynamic shapes from the start: padded batches change length every step (one compile, not two)
+            n_blocks = compile_blocks(model, dynamic=None if o.packing else True)
+            self.say(f"torch.compile: {n_blocks} blocks share one compiled training graph "
+                     f"(compiled during the first step)")
+        trainable, total = lorakit.trainable_parameters(model)
+        self.results["trainable_parameters"] = trainable
+        self.say(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%); "
+                 f"{len(self.data.train_examples)} examples, {self.n_steps} steps of {o.batch_size} x "
+                 f"{o.grad_accum} x {self.world}")
+
+    def setup_optimizer(self) -> None:
+        """Builds the optimizer and schedule, resumes from the checkpoint, and wraps the model for DDP/FSDP."""
+        from lorakit.model.memory import format_memory_report, memory_report
+        o, model = self.o, self.model
+        self.optimizer = self.optimizer_fn(model, o.lr, o.weight_decay, o.lora_plus_ratio, o.adam_betas)
+        self.results["memory"] = memory_report(model, self.optimizer)  # AdamW's moments before its first step
+        self.say("memory (weights, gradients and optimizer state; activations come on top):\n"
+                 + format_memory_report(self.results["memory"]))
+        self.scheduler = build_scheduler(self.optimizer, o.warmup_steps, self.n_steps, o.min_lr_ratio)
+        if self.controller is not None:
+            self.scheduler = SchedulerWithAdaptive(self.scheduler, self.controller, model_device(model))
+        if self.ckpt is not None:
+            state, self.position = load_checkpoint(self.ckpt, model, self.optimizer, self.scheduler)
+            if self.writes:  # the checkpoint fits these options: from now on they are the run's
+                (self.out / "config.yaml").write_text(dump_yaml(o), encoding="utf-8")
+            self.step, self.tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
+            self.before = state.get("accuracy_before")
+            self.metrics.truncate_after(self.step)
+            self.say(f"resumed from {self.ckpt} at step {self.step}")
+        # DDP / FSDP2 / as-is; self.model stays plain for eval and saving
+        self.train_model = wrap_for_distributed(model, o.strategy, o.batch_size, o.grad_accum, log=self.say)
+
+    # ------------------------------------------------------------------------------------------ steps
+    def run_steps(self) -> None:
+        """Runs optimizer steps until n_steps, a stop signal, or a hook's should_stop."""
+        o, d = self.o, self.data
+        batches = iterate_batches(d.train_examples, o.batch_size, o.seed, self.position, d.pad_id, self.rank,
+                                  self.world, group_by_length=o.group_by_length, padding_free=o.padding_free)
+        for h in self.hooks:
+            h.on_train_start(self)
+        t_train = time.time()
+        with StopRequest() as stop, ProgressBar(self.main and o.progress, self.n_steps, self.step, self.console) as bar:
+            while self.step < self.n_steps:
+                t0 = time.time()
+                result = self.step_fn(self.train_model, [next(batches) for _ in range(o.grad_accum)], self.optimizer,
+                                      self.scheduler, o.max_grad_norm, **self.adaptive_step_args())
+                stop.signum = agree_stop(stop.signum)  # distributed: every rank stops after the same step
+                self.step += 1
+                self.step_seconds = time.time() - t0
+                self.record_step(result, bar)
+                for h in self.hooks:
+                    h.on_step_end(self, result)
+                if o.eval_every and self.step % o.eval_every == 0 and d.eval_examples and self.step < self.n_steps:
+                    self.evaluate()
+                early = any(h.should_stop(self) for h in self.hooks)
+                if self.writes and ((o.save_every and self.step % o.save_every == 0 and self.step < self.n_steps)
+                                    or stop.signum):
+                    self.save_checkpoint()
+                if stop.signum:
+                    self.stopped, self.stop_signal = f"{stop.name} at step {self.step}", stop.name
+                    break
+                if early:
+                    self.results["stopped_early"] = self.step
+                    self.say(f"a hook stopped the run at step {self.step}")
+                    break
+        self.results["train_seconds"] = time.time() - t_train
+        self.results["final_loss"] = self.last_loss
+        for h in self.hooks:
+            h.on_train_end(self)
+
+    def adaptive_step_args(self) -> dict:
+        """Returns the step function's adaptive-rank arguments (penalty, controller update); {} without it."""
+        c, step = self.controller, self.step
+        return {} if c is None else dict(extra_loss=c.penalty, after_update=lambda: c.step(self.model, step))
+
+    def record_step(self, result, bar) -> None:
+        """Handles a non-finite step (nan_policy), then logs the step's metrics and moves the progress bar."""
+        o = self.o
+        if not result.finite:
+            if o.nan_policy == "stop":
+                last = find_latest_checkpoint(self.out, lambda m: None) if self.write_files else None
+                raise TrainingDiverged(
+                    f"non-finite loss at step {self.step}: {result.bad} went NaN/Inf first. "
+                    + (f"The last good checkpoint is {last}; resume from it with a lower --lr "
+                       f"(or set nan_policy=skip)." if last else "No checkpoint was written before it; "
+                       "lower --lr, or set nan_policy=skip to skip such steps."))
+            self.say(f"step {self.step}: non-finite loss ({result.bad}); update skipped (nan_policy=skip)")
+        else:
+            self.last_loss = result.loss
+        self.tokens_seen += result.input_tokens
+        tps = result.input_tokens / max(self.step_seconds, 1e-9)
+        lr = self.scheduler.get_last_lr()[0]
+        if self.step % o.log_every == 0 or self.step == self.n_steps:
+            self.metrics.write({"step": self.step, "loss": result.loss, "lr": lr, "tokens_per_s": round(tps, 1),
+                                "grad_norm": result.grad_norm, "epoch": self.position.epoch,
+                                "tokens_seen": self.tokens_seen, "finite": result.finite,
+                                **({"rank_budget": self.controller.budget} if self.controller is not None else {})})
+        bar(self.step, result.loss, lr, tps)
+
+    def evaluate(self, loss: float | None = None) -> float:
+        """Returns (and logs) the held-out loss now (`loss`: already measured by the accuracy pass); hooks'
+        on_eval see it."""
+        d = self.data
+        self.eval_loss = evaluate_loss(self.model, d.eval_examples, self.o.eval_batch_size, d.pad_id) \
+            if loss is None else loss
+        self.eval_step = self.step
+        self.metrics.write({"step": self.step, "eval_loss": self.eval_loss})
+        for h in self.hooks:
+            h.on_eval(self, self.eval_loss)
+        return self.eval_loss
+
+    def save_checkpoint(self) -> None:
+        """Writes a checkpoint of this step and prunes old ones."""
+        save_checkpoint(self.out, self.step, self.model, self.optimizer, self.scheduler, self.position,
+                        {"tokens_seen": self.tokens_seen, "accuracy_before": self.before, "world_size": self.world})
+        prune_checkpoints(self.out, self.o.keep_checkpoints)
+
+    # ------------------------------------------------------------------------------------------ finish
+    def finish(self) -> dict:
+        """Final eval and accuracy, the adapter and the run's files; returns the results dict."""
+        results, out = self.results, self.out
+        if self.stopped:
+            results.update(stopped=self.stopped, exit_code=EXIT_CODES.get(self.stop_signal, 1), steps_done=self.step)
+            self.say(f"stopped by {self.stopped}; checkpoint written to {out / 'checkpoints'}. "
+                     f"Continue with: lorakit train --out {out} --resume")
+        else:
+            if self.writes:
+                self.save_checkpoint()
+            if self.controller is not None:
+                # after the last checkpoint (it keeps the triplet form a resume needs); exact: pruned λ are zero
+                ranks = self.controller.finalize(self.model)
+                results["adaptive_ranks"] = ranks
+                self.say(f"adaptive rank: {sum(ranks.values())} = budget {self.controller.target_budget} over "
+                         f"{len(ranks)} modules, ranks {min(ranks.values())}..{max(ranks.values())}")
+            after, held = None, bool(self.data.eval_examples) and self.eval_step != self.step
+            if self.do_acc:  # the run's measured result; its held-out loss comes from the same forward
+                self.say("measuring held-out accuracy after training ...")
+                after = self.accuracy(with_loss=held)
+                if held:
+                    after.pop("target_tokens")
+                    self.evaluate(after.pop("loss"))
+                self.metrics.write({"step": self.step, "accuracy": after["accuracy"], "per_task": after["per_task"],
+                                    "phase": "after"})
+            elif held and (self.o.final_eval_loss if self.o.final_eval_loss is not None else True):
+                self.evaluate()  # a pass of its own: asked for, or (auto) the run's only held-out result
+            results.update(accuracy_before=self.before, accuracy_after=after, exit_code=0, steps_done=self.step)
+            if self.writes:
+                lorakit.save_adapter(self.model, out / "adapter")
+        results["eval_loss"], results["eval_loss_step"] = self.eval_loss, self.eval_step
+        results["total_seconds"] = time.time() - self.t_start
+        results["out"] = str(out)
+        if self.writes:
+            plot_metrics(out)
+            write_readme(out, results)
+            (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+        results["model"], results["tokenizer"] = self.model, self.tokenizer
+        return results
 
 
-def resolve_resume(resume: str | None, out: str | None, log=print) -> tuple[Path | None, Path | None]:
-    """Returns (output folder, checkpoint folder) for --resume: 'latest', a run folder, or a checkpoint folder."""
-    if not resume:
-        return (Path(out) if out else None), None
-    if resume == "latest":
-        run = Path(out) if out else None
-        if run is None:
-            runs = sorted((p for p in RUNS.glob("*") if (p / "checkpoints").is_dir()), key=lambda p: p.stat().st_mtime)
-            if not runs:
-                raise ConfigError("--resume: no run with checkpoints in runs/; pass --out FOLDER of the run to resume")
-            run = runs[-1]
-    else:
-        run = Path(resume)
-        if not run.exists():
-            raise ConfigError(f"--resume: {run} does not exist")
-        if (run / "state.json").exists() or (run / "complete").exists():  # a checkpoint folder itself
-            return run.parent.parent, run
-    ckpt = find_latest_checkpoint(run, log)
-    if ckpt is None:
-        raise ConfigError(f"--resume: no complete checkpoint in {run / 'checkpoints'}")
-    return run, ckpt
+def train(o: TrainOptions, command: str | None = None, console=None, hooks: Sequence[Hooks] = (), **recipe) -> dict:
+    """Runs the whole recipe for `o`; returns the results dict (also written to out/results.json).
 
-
-def load_data(o: TrainOptions, tokenizer, log=print) -> dict:
-    """Returns {train_records, eval_records, data_name, skipped} for the options (embedded default or files)."""
-    from lorakit.train.data import embedded_dataset, load_records
-
-    if o.data is None:
-        ds = embedded_dataset()
-        train, held, name, skipped = ds["train"], ds["eval"], "embedded default instruction dataset", 0
-    else:
-        loaded = load_records(o.data, skip_bad_rows=o.skip_bad_rows)
-        train, held, name, skipped = loaded.records, [], o.data, loaded.skipped
-        if skipped:
-            log(f"skipped {skipped} malformed row(s) in {o.data}")
-    if o.eval_data is not None:
-        loaded = load_records(o.eval_data, skip_bad_rows=o.skip_bad_rows)
-        held = loaded.records
-        if loaded.skipped:
-            log(f"skipped {loaded.skipped} malformed row(s) in {o.eval_data}")
-    if o.eval_limit is not None:
-        held = _spread(held, o.eval_limit)
-    return {"train_records": train, "eval_records": held, "data_name": name, "skipped": skipped}
-
-
-def _spread(records: list[dict], n: int) -> list[dict]:
-    """Returns n records taken round-robin over their 'task' column, so a limited eval still covers every task."""
-    by_task: dict[str, list[dict]] = {}
-    for r in records:
-        by_task.setdefault(r.get("task", ""), []).append(r)
-    out, i = [], 0
-    while len(out) < min(n, len(records)):
-        out += [rows[i] for rows in by_task.values() if i < len(rows)][: n - len(out)]
-        i += 1
-    return out
-
-
-def prepare_model(o: TrainOptions, log=print):
-    """Returns (model, tokenizer) loaded for the options, on o.device, quantized when quantize=nf4."""
-    from lorakit.models import load_model
-
-    model, tokenizer = load_model(o.model, trust_remote_code=o.trust_remote_code)
-    model.to(resolve_device(o.device))  # before quantizing: bitsandbytes quantizes on the weight's device
-    if o.quantize == "nf4":
-        from lorakit.quant import quantize  # optional: needs bitsandbytes
-        n_params = sum(p.numel() for p in model.parameters())
-        model = quantize(model) or model
-        if n_params < SMALL_MODEL_PARAMS:
-            log(f"note: round-to-nearest NF4 costs small models a lot ({n_params / 1e6:.0f}M parameters here; the "
-                f"embedded SmolLM2-135M drops from 30.9% to 2.9% before training); --quantize nf4-gptq keeps the "
-                f"same 4-bit format with far less damage (27.9%)")
-    return model, tokenizer
-
-
-SMALL_MODEL_PARAMS = 1_000_000_000  # below this, plain NF4 rounding measurably hurts (README, QLoRA)
-
-
-def tokenize_training(o: TrainOptions, records, tokenizer):
-    """Returns (examples, stats) for the training rows, tokenized as the options say."""
-    from lorakit.train.data import tokenize_records
-    return tokenize_records(records, tokenizer, template=o.template, max_seq_len=o.max_seq_len,
-                            train_on_inputs=o.train_on_inputs, system=o.system)
-
-
-def calibration_inputs(examples: list[dict], n: int) -> list[torch.Tensor]:
-    """Returns the token ids of the first n training examples (one (1, T) tensor each): GPTQ's calibration."""
-    return [torch.tensor(e["input_ids"])[None] for e in examples[:n]]
-
-
-def quantize_gptq(model, calibration: list[torch.Tensor], log=print) -> None:
-    """Quantizes `model` to NF4 in place with GPTQ rounding on `calibration` (lorakit.quant.quantize)."""
-    from lorakit.quant import quantize
-    device = model_device(model)
-    t0 = time.time()
-    log(f"quantizing the base to NF4 with GPTQ rounding on {len(calibration)} calibration rows ...")
-    quantize(model, calibration=[c.to(device) for c in calibration])
-    log(f"quantized in {time.time() - t0:.0f} s")
-
-
-def train(o: TrainOptions, command: str | None = None, console=None) -> dict:
-    """Runs the whole recipe for `o`; returns the results dict (also written to out/results.json)."""
-    import lorakit
-    from lorakit.train.data import pack_examples, tokenize_records
-
-    t_start = time.time()
-    rank, world = dist_env()
-    main = rank == 0
-    say = (console.print if console is not None else print) if main else (lambda *a, **k: None)
-    out, ckpt = resolve_resume(o.resume, o.out, say)
-    out = out or default_out_dir()
-    o.out = str(out)
-    seed_everything(o.seed)
-
-    # -- model and data
-    say(f"loading model {o.model} ...")
-    model, tokenizer = prepare_model(o, say)
-    data = load_data(o, tokenizer, say)
-    train_ex, stats = tokenize_training(o, data["train_records"], tokenizer)
-    if not train_ex:
-        raise DataError(f"{data['data_name']}: no training examples left after tokenization "
-                        f"({stats['dropped']} rows lost their whole response to max_seq_len={o.max_seq_len})")
-    if o.quantize == "nf4-gptq":
-        quantize_gptq(model, calibration_inputs(train_ex, o.quant_calibration), say)
-    if stats["truncated"] or stats["dropped"]:
-        say(f"{stats['truncated']} of {stats['rows']} rows were longer than max_seq_len={o.max_seq_len} and were "
-            f"truncated ({stats['dropped']} dropped: nothing of the response was left)")
-    if o.packing:
-        train_ex = pack_examples(train_ex, o.max_seq_len)
-    eval_ex, _ = tokenize_records(data["eval_records"], tokenizer, template=o.template, max_seq_len=o.max_seq_len,
-                                  system=o.system)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # Only now, with model and data loaded, does the run get a folder: a bad input leaves nothing behind and
-    # never overwrites the config.yaml an earlier run (and its --resume) depends on.
-    if main and ckpt is None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_yaml(o), encoding="utf-8")
-    n_steps = total_steps(len(train_ex), o.batch_size, o.grad_accum, o.max_steps, o.epochs, world)
-    do_acc = o.accuracy and bool(data["eval_records"])
-    acc_args = dict(template=o.template, system=o.system, batch_size=o.eval_batch_size, max_new_tokens=o.max_new_tokens)
-    metrics = MetricsLog(out, enabled=main)
-    results = {"options": o.to_dict(), "command": command or "lorakit train", "world_size": world,
-               "model_name": getattr(model.config, "_name_or_path", o.model),
-               "model_parameters": sum(p.numel() for p in model.parameters()),
-               "data_name": data["data_name"], "train_examples": len(train_ex), "truncated": stats["truncated"],
-               "skipped_rows": data["skipped"], "eval_rows": len(data["eval_records"]), "steps": n_steps}
-
-    # -- baseline (skipped on resume: the first run measured it)
-    before = None
-    if do_acc and o.baseline_eval and ckpt is None:
-        say(f"measuring the un-tuned model's accuracy on {len(data['eval_records'])} held-out rows ...")
-        before = evaluate_accuracy(model, tokenizer, data["eval_records"], **acc_args)
-        metrics.write({"step": 0, "accuracy": before["accuracy"], "per_task": before["per_task"], "phase": "before"})
-        say(f"before training: accuracy {100 * before['accuracy']:.1f}%")
-
-    # -- LoRA, optimizer, schedule
-    torch.manual_seed(o.seed)  # LoRA init independent of whatever ran before
-    lorakit.inject(model, o.lora_config())
-    if o.gradient_checkpointing:
-        enable_gradient_checkpointing(model, offload=o.offload_activations)
-    controller = None
-    if o.adaptive_rank:  # before the optimizer: it swaps the A factors for P·diag(λ)·Q triplets
-        from lorakit.adaptive import enable_adaptive_rank
-        warmup, final = o.adaptive_phases(n_steps)
-        controller = enable_adaptive_rank(model, None, o.adaptive_target(), n_steps, warmup, final,
-                                          orth_reg=o.adaptive_orth_reg, interval=o.adaptive_interval, seed=o.seed)
-        say(f"adaptive rank: r={o.r} -> an average of {o.adaptive_target()} over {len(controller.layers)} modules "
-            f"(budget {controller.init_budget} -> {controller.target_budget}; warmup {warmup}, final {final} steps)")
-    if o.compile:
-        from lorakit.compiling import compile_blocks
-        # dynamic shapes from the start: padded batches change length every step (one compile, not two)
-        n_blocks = compile_blocks(model, dynamic=None if o.packing else True)
-        say(f"torch.compile: {n_blocks} blocks share one compiled training graph (compiled during the first step)")
-    trainable, total = lorakit.trainable_parameters(model)
-    results["trainable_parameters"] = trainable
-    say(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%); "
-        f"{len(train_ex)} examples, {n_steps} steps of {o.batch_size} x {o.grad_accum} x {world}")
-    optimizer = build_optimizer(model, o.lr, o.weight_decay, o.lora_plus_ratio, o.adam_betas)
-    from lorakit.quant import format_memory_report, memory_report
-    results["memory"] = memory_report(model, optimizer)  # AdamW's two moments counted before its first step
-    say("memory (weights, gradients and optimizer state; activations come on top):\n"
-        + format_memory_report(results["memory"]))
-    scheduler = build_scheduler(optimizer, o.warmup_steps, n_steps, o.min_lr_ratio)
-    if controller is not None:
-        scheduler = _WithAdaptive(scheduler, controller, model_device(model))
-    position, step, tokens_seen = DataPosition(), 0, 0
-    if ckpt is not None:
-        state, position = load_checkpoint(ckpt, model, optimizer, scheduler)
-        if main:  # the checkpoint fits these options: from now on they are the run's
-            (out / "config.yaml").write_text(dump_yaml(o), encoding="utf-8")
-        step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
-        before = state.get("accuracy_before")
-        metrics.truncate_after(step)
-        say(f"resumed from {ckpt} at step {step}")
-
-    # -- distributed (lorakit.train.distributed): DDP / FSDP2 / as-is; `model` stays plain for eval and saving
-    from lorakit.train.distributed import agree_stop, wrap_for_distributed
-    train_model = wrap_for_distributed(model, o.strategy, o.batch_size, o.grad_accum, log=say)
-
-    # -- the loop
-    batches = iterate_batches(train_ex, o.batch_size, o.seed, position, pad_id, rank, world,
-                              group_by_length=o.group_by_length, padding_free=o.padding_free)
-    last_loss, eval_loss, stopped = float("nan"), float("nan"), None
-    eval_loss_step = None  # the step eval_loss was measured at (the end, or the last eval_every)
-    ckpt_state = lambda: {"tokens_seen": tokens_seen, "accuracy_before": before, "world_size": world}  # noqa: E731
-    t_train = time.time()
-    with StopRequest() as stop, _progress(main and o.progress, n_steps, step, console) as bar:
-        while step < n_steps:
-            t0 = time.time()
-            adaptive = {} if controller is None else dict(
-                extra_loss=controller.penalty, after_update=lambda s=step: controller.step(model, s))
-            result = train_step(train_model, [next(batches) for _ in range(o.grad_accum)], optimizer, scheduler,
-                                o.max_grad_norm, **adaptive)
-            stop.signum = agree_stop(stop.signum)  # distributed: every rank stops after the same step
-            step += 1
-            if not result.finite:
-                if o.nan_policy == "stop":
-                    last = find_latest_checkpoint(out, lambda m: None)
-                    raise TrainingDiverged(
-                        f"non-finite loss at step {step}: {result.bad} went NaN/Inf first. "
-                        + (f"The last good checkpoint is {last}; resume from it with a lower --lr "
-                           f"(or set nan_policy=skip)." if last else "No checkpoint was written before it; "
-                           "lower --lr, or set nan_policy=skip to skip such steps."))
-                say(f"step {step}: non-finite loss ({result.bad}); update skipped (nan_policy=skip)")
-            else:
-                last_loss = result.loss
-            tokens_seen += result.input_tokens
-            tps = result.input_tokens / max(time.time() - t0, 1e-9)
-            lr = scheduler.get_last_lr()[0]
-            if step % o.log_every == 0 or step == n_steps:
-                metrics.write({"step": step, "loss": result.loss, "lr": lr, "tokens_per_s": round(tps, 1),
-                               "grad_norm": result.grad_norm, "epoch": position.epoch, "tokens_seen": tokens_seen,
-                               "finite": result.finite,
-                               **({"rank_budget": controller.budget} if controller is not None else {})})
-            bar(step, result.loss, lr, tps)
-            if o.eval_every and step % o.eval_every == 0 and eval_ex and step < n_steps:
-                eval_loss, eval_loss_step = evaluate_loss(model, eval_ex, o.eval_batch_size, pad_id), step
-                metrics.write({"step": step, "eval_loss": eval_loss})
-            if main and ((o.save_every and step % o.save_every == 0 and step < n_steps) or stop.signum):
-                save_checkpoint(out, step, model, optimizer, scheduler, position, ckpt_state())
-                prune_checkpoints(out, o.keep_checkpoints)
-            if stop.signum:
-                stopped = f"{stop.name} at step {step}"
-                break
-    results["train_seconds"] = time.time() - t_train
-    results["final_loss"] = last_loss
-
-    # -- the end: final eval, accuracy, files
-    if stopped:
-        results.update(stopped=stopped, exit_code=EXIT_CODES.get(stop.name, 1), steps_done=step)
-        say(f"stopped by {stopped}; checkpoint written to {out / 'checkpoints'}. "
-            f"Continue with: lorakit train --out {out} --resume")
-    else:
-        if main:
-            save_checkpoint(out, step, model, optimizer, scheduler, position, ckpt_state())
-            prune_checkpoints(out, o.keep_checkpoints)
-        if controller is not None:
-            # after the last checkpoint (it keeps the triplet form a resume needs); exact: pruned λ are zero
-            ranks = controller.finalize(model)
-            results["adaptive_ranks"] = ranks
-            say(f"adaptive rank: {sum(ranks.values())} = budget {controller.target_budget} over {len(ranks)} "
-                f"modules, ranks {min(ranks.values())}..{max(ranks.values())}")
-        after = None
-        if do_acc:  # the run's measured result; its held-out loss comes from the same forward
-            say("measuring held-out accuracy after training ...")
-            after = evaluate_accuracy(model, tokenizer, data["eval_records"], **acc_args, with_loss=bool(eval_ex),
-                                      max_seq_len=o.max_seq_len)
-            if eval_ex:
-                eval_loss, eval_loss_step = after.pop("loss"), step
-                after.pop("target_tokens")
-                metrics.write({"step": step, "eval_loss": eval_loss})
-            metrics.write({"step": step, "accuracy": after["accuracy"], "per_task": after["per_task"],
-                           "phase": "after"})
-        elif eval_ex and (o.final_eval_loss if o.final_eval_loss is not None else True):  # asked, or the result
-            eval_loss, eval_loss_step = evaluate_loss(model, eval_ex, o.eval_batch_size, pad_id), step
-            metrics.write({"step": step, "eval_loss": eval_loss})
-        results.update(accuracy_before=before, accuracy_after=after, exit_code=0, steps_done=step)
-        if main:
-            lorakit.save_adapter(model, out / "adapter")
-    results["eval_loss"], results["eval_loss_step"] = eval_loss, eval_loss_step
-    results["total_seconds"] = time.time() - t_start
-    results["out"] = str(out)
-    if main:
-        plot_metrics(out)
-        write_readme(out, results)
-        (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-    results["model"], results["tokenizer"] = model, tokenizer
-    return results
-
-
-class _WithAdaptive:
-    """The LR scheduler plus the adaptive-rank controller, so that checkpoints carry both in scheduler.pt.
-
-    Why: a resumed adaptive run needs the controller's importance statistics and masks of the same step.
-    The triplet factors themselves are trainable parameters and land in trainable.safetensors as they are.
+    `hooks` watch or stop the run; `recipe` takes Recipe's keywords (step_fn, optimizer_fn, write_files ...).
     """
-
-    def __init__(self, scheduler, controller, device: torch.device) -> None:
-        self.scheduler, self.controller, self.device = scheduler, controller, device
-
-    def step(self) -> None:
-        self.scheduler.step()
-
-    def get_last_lr(self) -> list[float]:
-        return self.scheduler.get_last_lr()
-
-    def state_dict(self) -> dict:
-        """Returns {"scheduler": ..., "adaptive": ...} with the controller's tensors on the CPU."""
-        return {"scheduler": self.scheduler.state_dict(), "adaptive": _tensors_to(self.controller.state_dict(), "cpu")}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restores both; KeyError for a checkpoint of a run without adaptive rank."""
-        if "adaptive" not in state:
-            raise KeyError("no adaptive-rank state: the checkpoint is from a run without --adaptive-rank")
-        self.scheduler.load_state_dict(state["scheduler"])
-        adaptive = dict(state["adaptive"])  # statistics live with the factors; the masks stay on the CPU
-        adaptive["ipt"], adaptive["unc"] = _tensors_to(adaptive["ipt"], self.device), _tensors_to(adaptive["unc"],
-                                                                                                  self.device)
-        self.controller.load_state_dict(adaptive)
-
-
-def _tensors_to(obj, device):
-    """Returns nested dicts with every tensor moved to `device`."""
-    if isinstance(obj, dict):
-        return {k: _tensors_to(v, device) for k, v in obj.items()}
-    return obj.to(device) if isinstance(obj, torch.Tensor) else obj
-
-
-class _progress:
-    """A rich progress bar (loss, lr, tokens/s, ETA) as a context manager; calling it updates the bar."""
-
-    def __init__(self, enabled: bool, total: int, start: int, console=None) -> None:
-        self.enabled, self.total, self.start, self.console = enabled, total, start, console
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-            self.p = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                              TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-                              TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"),
-                              TimeRemainingColumn(), console=self.console, transient=False)
-            self.p.__enter__()
-            self.task = self.p.add_task("train", total=self.total, completed=self.start, loss="-", lr="-", tps="-")
-        return self
-
-    def __call__(self, step: int, loss: float, lr: float, tps: float) -> None:
-        if self.enabled:
-            self.p.update(self.task, completed=step, loss=f"{loss:.4f}" if math.isfinite(loss) else "nan",
-                          lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.p.__exit__(*exc)
+    return Recipe(o, command, console, hooks, **recipe).run()
 
 
 def command_line(o: TrainOptions) -> str:
@@ -400,49 +329,3 @@ def command_line(o: TrainOptions) -> str:
     parts = [f"{k}={v if isinstance(v, (int, float, str)) else json.dumps(v)}"
              for k, v in o.to_dict().items() if v != default[k] and k not in ("resume",)]
     return "lorakit train " + " ".join(shlex.quote(p) for p in parts)
-
-
-def load_for_inference(model_spec: str | None, adapter: str | None, template: str | None = None,
-                       system: str | None = None, device: str = "auto", trust_remote_code: bool = False,
-                       quantize: str | None = None):
-    """Returns (model, tokenizer, template, system) with the adapter loaded; template/system default to the run's.
-
-    An adapter written by `lorakit train` sits in a run folder whose config.yaml names the template, system
-    prompt and quantization it was trained with; generation and evaluation use the same unless told otherwise
-    (quantize: "nf4" or "none"; None = the run's setting, else none).
-    """
-    if quantize not in (None, "none", "nf4", "nf4-gptq"):
-        raise ConfigError(f"--quantize {quantize!r}: choose none, nf4 or nf4-gptq")
-    import lorakit
-    from lorakit.models import load_model
-    from lorakit.train.options import read_config_file
-
-    run_cfg = {}
-    if adapter and (Path(adapter) / "state.json").is_file():  # a checkpoint folder: use its adapter/
-        adapter = str(Path(adapter) / "adapter")
-    if adapter:
-        # out/adapter or out/checkpoints/step-N/adapter: the run's config.yaml is 1 or 3 levels up
-        for run_dir in (Path(adapter).parent, Path(adapter).parent.parent.parent):
-            if (run_dir / "config.yaml").is_file():
-                try:
-                    run_cfg = read_config_file(run_dir / "config.yaml")
-                except ConfigError:
-                    pass
-                break
-    model, tokenizer = load_model(model_spec or run_cfg.get("model") or "default", trust_remote_code=trust_remote_code)
-    model.to(resolve_device(device))
-    how = quantize or run_cfg.get("quantize")
-    if how == "nf4":
-        from lorakit.quant import quantize as quantize_model
-        model = quantize_model(model) or model
-    elif how == "nf4-gptq":  # the same base the adapter trained on: GPTQ on the run's own calibration rows
-        o = load_options(base={k: v for k, v in run_cfg.items() if k != "resume"})
-        train_ex, _ = tokenize_training(o, load_data(o, tokenizer, lambda *a, **k: None)["train_records"], tokenizer)
-        if not train_ex:
-            raise ConfigError("--quantize nf4-gptq needs the run's training data for calibration; none was found")
-        quantize_gptq(model, calibration_inputs(train_ex, o.quant_calibration),
-                      log=lambda msg: print(msg, file=sys.stderr))  # stdout may be --json
-    if adapter:
-        lorakit.load_adapter(model, adapter)
-    model.eval()
-    return model, tokenizer, template or run_cfg.get("template", "auto"), system or run_cfg.get("system")

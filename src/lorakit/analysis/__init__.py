@@ -1,0 +1,1 @@
+"""Reading trained adapters: rank spectra, effective rank, truncation, subspace similarity (spectrum.py)."""

@@ -1,0 +1,67 @@
+"""Loading a trained adapter for generation and evaluation, with the run's own template, system and quantization."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lorakit.errors import ConfigError
+from lorakit.train.options import load_options, read_config_file
+from lorakit.train.prepare import calibration_inputs, load_data, quantize_gptq, tokenize_training
+from lorakit.train.runtime import resolve_device
+
+
+def load_for_inference(model_spec: str | None, adapter: str | None, template: str | None = None,
+                       system: str | None = None, device: str = "auto", trust_remote_code: bool = False,
+                       quantize: str | None = None):
+    """Returns (model, tokenizer, template, system) with the adapter loaded; template/system default to the run's.
+
+    An adapter written by `lorakit train` sits in a run folder whose config.yaml names the template, system
+    prompt and quantization it was trained with; generation and evaluation use the same unless told otherwise
+    (quantize: "nf4" or "none"; None = the run's setting, else none).
+    """
+    if quantize not in (None, "none", "nf4", "nf4-gptq"):
+        raise ConfigError(f"--quantize {quantize!r}: choose none, nf4 or nf4-gptq")
+    import lorakit
+    from lorakit.loading.pretrained import load_model
+
+    run_cfg = {}
+    if adapter and (Path(adapter) / "state.json").is_file():  # a checkpoint folder: use its adapter/
+        adapter = str(Path(adapter) / "adapter")
+    if adapter:
+        # out/adapter or out/checkpoints/step-N/adapter: the run's config.yaml is 1 or 3 levels up
+        for run_dir in (Path(adapter).parent, Path(adapter).parent.parent.parent):
+            if (run_dir / "config.yaml").is_file():
+                try:
+                    run_cfg = read_config_file(run_dir / "config.yaml")
+                except ConfigError:
+                    pass
+                break
+    model, tokenizer = load_model(model_spec or run_cfg.get("model") or "default", trust_remote_code=trust_remote_code)
+    model.to(resolve_device(device))
+    how = quantize or run_cfg.get("quantize")
+    if how == "nf4":
+        from lorakit.model.quantize import quantize as quantize_model
+        model = quantize_model(model) or model
+    elif how == "nf4-gptq":  # the same base the adapter trained on: GPTQ on the run's own calibration rows
+        o = load_options(base={k: v for k, v in run_cfg.items() if k != "resume"})
+        train_ex, _ = tokenize_training(o, load_data(o, tokenizer, lambda *a, **k: None)["train_records"], tokenizer)
+        if not train_ex:
+            raise ConfigError("--quantize nf4-gptq needs the run's training data for calibration; none was found")
+        quantize_gptq(model, calibration_inputs(train_ex, o.quant_calibration),
+                      log=lambda msg: print(msg, file=sys.stderr))  # stdout may be --json
+    if adapter:
+        lorakit.load_adapter(model, adapter)
+    model.eval()
+    return model, tokenizer, template or run_cfg.get("template", "auto"), system or run_cfg.get("system")
+
+
+def merge_for_inference(model) -> bool:
+    """Folds the active adapter into the base weights for generation or evaluation, as serving does: nothing
+    trains afterwards, so the LoRA branch's extra small matmuls per layer are pure overhead. Returns False where
+    it stays unmerged (a 4-bit base: merging would dequantize it)."""
+    from lorakit.model.merge import merge
+    from lorakit.ops.nf4 import is_4bit
+    if any(is_4bit(m) for m in model.modules()):
+        return False
+    merge(model)
+    return True
