@@ -74,7 +74,7 @@ if torch.cuda.is_available():
     info["gpu_mem_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
 info["cpus"] = os.cpu_count()
 try:
-    from lorakit.models import embedded_model_path
+    from lorakit.loading.pretrained import embedded_model_path
     embedded_model_path()
     info["embedded_model"] = True
 except Exception as e:  # noqa: BLE001
@@ -102,7 +102,7 @@ if [ "$SMALL" = 1 ]; then
   JOB+=(--max-steps 3 eval_limit=12 baseline_eval=false eval_every=0 save_every=0)
 fi
 if [ -z "${GPU_CHECK_SHAPE_ONLY:-}" ] && \
-   "$PY" -c "from lorakit.models import embedded_model_path; embedded_model_path()" 2>/dev/null; then
+   "$PY" -c "from lorakit.loading.pretrained import embedded_model_path; embedded_model_path()" 2>/dev/null; then
   part job 240 "$PY" -m lorakit train "${JOB[@]}"
 else
   echo "   (the embedded model's package is not installed: the job's shape on a random-init SmolLM2-sized Llama)"

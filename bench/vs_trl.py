@@ -374,14 +374,15 @@ def main(argv=None) -> int:
     import importlib.metadata as md
     versions = {k: md.version(k) for k in ("torch", "transformers", "peft", "trl", "datasets")}
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    runs = [one_seed(a, int(s), work, log) for s in a.seeds.split(",")]
-    report = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
-              "started": started, "versions": versions, "cores": os.cpu_count(), "steps": a.steps,
-              "small": a.small, "runs": runs}
-    report["summary"] = summary(runs)
-    report["markdown"] = table(report)
+    runs: list[dict] = []
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    for s in a.seeds.split(","):  # the JSON is rewritten after every seed: a cut-short run keeps what it measured
+        runs.append(one_seed(a, int(s), work, log))
+        report = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+                  "started": started, "versions": versions, "cores": os.cpu_count(), "steps": a.steps,
+                  "small": a.small, "runs": runs, "summary": summary(runs)}
+        report["markdown"] = table(report)
+        out.write_text(json.dumps(report, indent=2) + "\n")
     print(report["markdown"])
     print(f"wrote {out}")
     return 0
