@@ -15,7 +15,7 @@ import pytest
 
 from train_fixtures import alpaca_rows, write_jsonl, write_tiny_model
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def test_vs_trl_small_runs_both_jobs_on_the_same_batches(tmp_path):
