@@ -47,6 +47,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402  (bench/machine.py: the one quiet-machine check)
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PRESETS = {
     "full": dict(hidden=1024, layers=8, heads=16, intermediate=2816, vocab=32000, batch=4, seq=256, steps=5, warmup=2),
@@ -62,14 +65,6 @@ EMBEDDED_VARIANTS = ["embedded-lorakit", "embedded-lorakit-unfused", "embedded-l
 
 
 # ============================================================================ measuring
-def busy_jiffies() -> float:
-    """Returns the machine's busy CPU time in seconds since boot (all cores), from /proc/stat."""
-    with open("/proc/stat") as f:
-        v = [float(x) for x in f.readline().split()[1:]]
-    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
-    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def on_cuda(device: str) -> bool:
     return device.startswith("cuda")
 
@@ -82,13 +77,7 @@ def sync(device: str) -> None:
 
 def timed(fn, device: str = "cpu") -> dict:
     """Runs fn() once; returns wall seconds, this process's CPU cores used, and the other processes' cores."""
-    sync(device)
-    s0, c0, t0 = busy_jiffies(), time.process_time(), time.perf_counter()
-    fn()
-    sync(device)
-    t1, c1, s1 = time.perf_counter(), time.process_time(), busy_jiffies()
-    wall, cpu = t1 - t0, c1 - c0
-    return {"wall": wall, "cpu": cpu, "util": cpu / wall, "others": max(0.0, (s1 - s0) - cpu) / wall}
+    return machine.timed(fn, before=lambda: sync(device), after=lambda: sync(device))
 
 
 def peak_rss_mib() -> float:
@@ -295,28 +284,15 @@ class Worker:
         return peaks
 
 
-def machine_load(seconds: float = 1.0) -> float:
-    """Returns the cores busy on the whole machine over the next `seconds` (the parent itself sleeps)."""
-    s0, t0 = busy_jiffies(), time.perf_counter()
-    time.sleep(seconds)
-    return (busy_jiffies() - s0) / (time.perf_counter() - t0)
-
-
 def wait_quiet(a, log) -> float:
     """Waits up to --max-wait seconds for the machine to go idle; returns the last load seen (cores)."""
-    deadline = time.time() + a.max_wait
-    load = machine_load(0.5)
-    while load > a.max_other and time.time() < deadline:
-        load = machine_load(2.0)
-    if load > a.max_other:
-        log(f"  machine busy: {load:.2f} cores used by other processes; measuring anyway")
-    return load
+    return machine.wait_quiet(a.max_wait, a.max_other, log)
 
 
 def is_quiet(r: dict, a) -> bool:
     if on_cuda(a.device):  # the GPU does the work; the CPU mostly waits on it
         return True
-    return r["others"] <= a.max_other and r["util"] >= a.min_util * a.threads
+    return machine.is_quiet(r["util"], r["others"], a.threads, a.max_other, a.min_util)
 
 
 def measure(a, argv, log) -> dict:
@@ -446,8 +422,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--max-other", type=float, default=0.25, help="cores other processes may use in a quiet step")
-    p.add_argument("--min-util", type=float, default=0.85, help="fraction of --threads a quiet step must get")
+    p.add_argument("--max-other", type=float, default=machine.MAX_OTHER, help="cores other processes may use in a quiet step")
+    p.add_argument("--min-util", type=float, default=machine.MIN_UTIL, help="fraction of --threads a quiet step must get")
     p.add_argument("--retries", type=int, default=2, help="retries of a noisy step")
     p.add_argument("--retry-wait", type=float, default=3.0, help="seconds to pause before retrying a noisy step")
     p.add_argument("--max-wait", type=float, default=20.0,
@@ -497,7 +473,7 @@ def main(argv=None, args: argparse.Namespace | None = None) -> int:
         return 0
     import torch
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    load_before = machine_load(2.0)
+    load_before = machine.machine_load(2.0)
     log(f"machine load before: {load_before:.2f} cores busy of {os.cpu_count()}")
     started = datetime.datetime.now().astimezone()
     report = measure(a, worker_argv(a), log)

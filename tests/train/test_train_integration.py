@@ -14,7 +14,7 @@ import torch
 import lorakit
 from lorakit.compiling import has_cxx_compiler
 from lorakit.train import checkpoint as ck
-from lorakit.train import evaluate as evaluate_module
+from lorakit.train import heldout as heldout_module
 from lorakit.train import loop, recipe
 from lorakit.train import step as step_module
 from lorakit.train.options import TrainOptions
@@ -122,7 +122,7 @@ def test_batches_follow_the_model_device(monkeypatch):
     assert all(v.device.type == "meta" for v in moved.values()) and loop.to_device(batch, torch.device("cpu")) is batch
     # "meta" stands in for an accelerator: every batch of training and evaluation goes to the model's device
     calls, real = [], loop.to_device
-    for module in (step_module, evaluate_module):
+    for module in (step_module, heldout_module):  # evaluation runs through lorakit.train.heldout
         monkeypatch.setattr(module, "model_device", lambda m: torch.device("meta"))
         monkeypatch.setattr(module, "to_device", lambda b, d: calls.append(d) or real(b, torch.device("cpu")))
     loop.train_step(model, [batch, batch], opt)

@@ -50,3 +50,15 @@ def load_for_inference(model_spec: str | None, adapter: str | None, template: st
         lorakit.load_adapter(model, adapter)
     model.eval()
     return model, tokenizer, template or run_cfg.get("template", "auto"), system or run_cfg.get("system")
+
+
+def merge_for_inference(model) -> bool:
+    """Folds the active adapter into the base weights for generation or evaluation, as serving does: nothing
+    trains afterwards, so the LoRA branch's extra small matmuls per layer are pure overhead. Returns False where
+    it stays unmerged (a 4-bit base: merging would dequantize it)."""
+    from lorakit.model.merge import merge
+    from lorakit.ops.nf4 import is_4bit
+    if any(is_4bit(m) for m in model.modules()):
+        return False
+    merge(model)
+    return True

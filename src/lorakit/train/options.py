@@ -60,6 +60,12 @@ class _RunOptions:
     max_seq_len: int = _opt(256, "longest example in tokens; longer rows are truncated (and counted)")
     train_on_inputs: bool = _opt(False, "also train on prompt tokens (default: loss on the response only)")
     packing: bool = _opt(False, "pack several examples into each max_seq_len block")
+    group_by_length: bool = _opt(True, "batch rows of similar length together (sorted within shuffled windows of "
+                                 "50 batches, then the batches shuffled): ~no padding, same deterministic, "
+                                 "resumable order for a seed")
+    padding_free: bool = _opt(False, "each batch as ONE row: its examples back to back with their own position ids "
+                              "(no padding at all, the same loss per example; attention over the concatenation is "
+                              "masked block-diagonally, which costs more than grouping on CPU)")
     skip_bad_rows: bool = _opt(False, "skip malformed data rows (and count them) instead of stopping")
     eval_limit: int | None = _opt(None, "use at most this many held-out rows")
     # -- optimization
@@ -96,6 +102,9 @@ class _RunOptions:
     eval_every: int = _opt(20, "eval loss every N steps (0 = only at the end)")
     save_every: int = _opt(50, "write a checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = _opt(2, "keep the newest N checkpoints (0 = keep all)")
+    final_eval_loss: bool | None = _opt(None, "held-out loss after training as a pass of its own: true, false, or "
+                                        "none = only when accuracy is off (then it is the run's held-out result); "
+                                        "with accuracy on, the accuracy pass reports it from the same forward")
     baseline_eval: bool = _opt(True, "measure the un-tuned model's accuracy before training")
     accuracy: bool = _opt(True, "measure generation accuracy (exact match) on the held-out data")
     eval_batch_size: int = _opt(16, "prompts per generation batch")

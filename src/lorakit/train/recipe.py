@@ -141,11 +141,13 @@ class Recipe:
                         "train_examples": len(d.train_examples), "truncated": d.stats.get("truncated", 0),
                         "skipped_rows": d.skipped, "eval_rows": len(d.eval_records), "steps": self.n_steps}
 
-    def accuracy(self) -> dict:
-        """Returns evaluate_accuracy of the model now on the held-out rows."""
+    def accuracy(self, with_loss: bool = False) -> dict:
+        """Returns evaluate_accuracy of the model now on the held-out rows (with_loss: and their loss, from the
+        same forward)."""
         o = self.o
         return evaluate_accuracy(self.model, self.tokenizer, self.data.eval_records, template=o.template,
-                                 system=o.system, batch_size=o.eval_batch_size, max_new_tokens=o.max_new_tokens)
+                                 system=o.system, batch_size=o.eval_batch_size, max_new_tokens=o.max_new_tokens,
+                                 with_loss=with_loss, max_seq_len=o.max_seq_len)
 
     def measure_baseline(self) -> None:
         """Measures the un-tuned model's accuracy (skipped on resume: the first run measured it)."""
@@ -215,7 +217,7 @@ class Recipe:
         """Runs optimizer steps until n_steps, a stop signal, or a hook's should_stop."""
         o, d = self.o, self.data
         batches = iterate_batches(d.train_examples, o.batch_size, o.seed, self.position, d.pad_id, self.rank,
-                                  self.world)
+                                  self.world, group_by_length=o.group_by_length, padding_free=o.padding_free)
         for h in self.hooks:
             h.on_train_start(self)
         t_train = time.time()
@@ -284,10 +286,12 @@ class Recipe:
                                 **({"rank_budget": self.controller.budget} if self.controller is not None else {})})
         bar(self.step, result.loss, lr, tps)
 
-    def evaluate(self) -> float:
-        """Returns (and logs) the held-out loss now; hooks' on_eval see it."""
+    def evaluate(self, loss: float | None = None) -> float:
+        """Returns (and logs) the held-out loss now (`loss`: already measured by the accuracy pass); hooks'
+        on_eval see it."""
         d = self.data
-        self.eval_loss = evaluate_loss(self.model, d.eval_examples, self.o.eval_batch_size, d.pad_id)
+        self.eval_loss = evaluate_loss(self.model, d.eval_examples, self.o.eval_batch_size, d.pad_id) \
+            if loss is None else loss
         self.eval_step = self.step
         self.metrics.write({"step": self.step, "eval_loss": self.eval_loss})
         for h in self.hooks:
@@ -317,18 +321,21 @@ class Recipe:
                 results["adaptive_ranks"] = ranks
                 self.say(f"adaptive rank: {sum(ranks.values())} = budget {self.controller.target_budget} over "
                          f"{len(ranks)} modules, ranks {min(ranks.values())}..{max(ranks.values())}")
-            if self.data.eval_examples and self.eval_step != self.step:
-                self.evaluate()
-            after = None
-            if self.do_acc:
+            after, held = None, bool(self.data.eval_examples) and self.eval_step != self.step
+            if self.do_acc:  # the run's measured result; its held-out loss comes from the same forward
                 self.say("measuring held-out accuracy after training ...")
-                after = self.accuracy()
+                after = self.accuracy(with_loss=held)
+                if held:
+                    after.pop("target_tokens")
+                    self.evaluate(after.pop("loss"))
                 self.metrics.write({"step": self.step, "accuracy": after["accuracy"], "per_task": after["per_task"],
                                     "phase": "after"})
+            elif held and (self.o.final_eval_loss if self.o.final_eval_loss is not None else True):
+                self.evaluate()  # a pass of its own: asked for, or (auto) the run's only held-out result
             results.update(accuracy_before=self.before, accuracy_after=after, exit_code=0, steps_done=self.step)
             if self.writes:
                 lorakit.save_adapter(self.model, out / "adapter")
-        results["eval_loss"] = self.eval_loss
+        results["eval_loss"], results["eval_loss_step"] = self.eval_loss, self.eval_step
         if self.trackers is not None:
             results["trackers"] = self.trackers.where()
             self.trackers.close()
