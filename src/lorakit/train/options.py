@@ -86,6 +86,11 @@ class _RunOptions:
                          "(ddp when launched with several processes); see docs/distributed.md")
     device: str = _opt("auto", "where to train: auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, "
                        "cuda, cuda:N")
+    dtype: str = _opt("auto", "dtype of the frozen weights that are not 4-bit, and of compute: auto (default) = "
+                      "float32 on CPU (bf16 math is slow there; same as before), the checkpoint's stored dtype "
+                      "on CUDA; float32, bfloat16 (a bf16 checkpoint stays bf16: half the memory) or float16")
+    memory_limit: str | None = _opt(None, "memory budget the run must fit, e.g. 24GiB (default: available "
+                                    "memory); a Llama-style run planned above it is refused before loading")
     # -- evaluation, checkpoints, logging
     eval_every: int = _opt(20, "eval loss every N steps (0 = only at the end)")
     save_every: int = _opt(50, "write a checkpoint every N steps (0 = only at the end)")
@@ -190,6 +195,7 @@ class TrainOptions(_LoraOptions):
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             bad("adam_betas", f"need two numbers in [0, 1), got {self.adam_betas}")
         choices = {"nan_policy": ("stop", "skip"), "quantize": ("none", "nf4", "nf4-gptq"),
+                   "dtype": ("auto", "float32", "bfloat16", "float16"),
                    "strategy": ("auto", "none", "ddp", "fsdp"),
                    "template": ("auto", "chat", "alpaca")}
         for name, allowed in choices.items():
