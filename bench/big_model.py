@@ -15,6 +15,8 @@ memory is the largest RssAnon (/proc/PID/status) a watcher thread in the parent 
                     LoraConfig(r=16, all-linear) + gradient checkpointing + AdamW, the model's own loss
     lorakit-qlora-fp32  as lorakit-qlora with dtype float32: embeddings/head/norms fp32, lorakit's fused 4-bit path
     lorakit-bf16    as lorakit-qlora without quantization (bf16 weights and LoRA), on the 3B shape
+    lorakit-train   the user's path: lorakit.train.recipe.train (`lorakit train --quantize nf4 --gradient-checkpointing
+                    --dtype bfloat16 --packing`, memory plan before loading, load_base), s/step from the recipe
 
 Results: bench/results/big_model.json and a markdown table (bench/results/big_model.md).
 """
@@ -42,7 +44,7 @@ SHAPES = {  # Llama-3.1 8B / Llama-3.2 3B / 1B shapes with SmolLM2's 49152-token
 }
 VOCAB = 49152
 ALL_RUNS = ["lorakit-qlora", "lorakit-qlora-fp32", "peft-qlora", "lorakit-bf16"]
-RUNS = {"8b": ["lorakit-qlora", "peft-qlora"], "3b": ALL_RUNS, "1b": ALL_RUNS, "tiny": ALL_RUNS}
+RUNS = {"8b": ["lorakit-qlora", "lorakit-train", "peft-qlora"], "3b": ALL_RUNS, "1b": ALL_RUNS, "tiny": ALL_RUNS}
 
 
 def cache_folder() -> Path:
@@ -75,6 +77,8 @@ def worker(mode: str, folder: str, steps: int, batch: int, seq: int, r: int, gc:
     from lorakit.loading.memwatch import rss_anon
     torch.manual_seed(0)
     t0 = time.perf_counter()
+    if mode == "lorakit-train":
+        return train_worker(folder, steps, batch, seq, r, gc, dtype)
     if mode.startswith("lorakit"):
         import lorakit
         from lorakit.loading import load_pretrained_streaming
@@ -126,6 +130,38 @@ def worker(mode: str, folder: str, steps: int, batch: int, seq: int, r: int, gc:
             "runtime_bytes": base, "after_load_bytes": after_load, "loss": float(loss)}
 
 
+def train_worker(folder: str, steps: int, batch: int, seq: int, r: int, gc: bool, dtype: str | None) -> dict:
+    """`lorakit train --quantize nf4` through the recipe (lorakit.train.recipe.train): the user's path, with
+    the memory plan before loading, load_base's streaming loader, packed batch x seq blocks of the embedded data."""
+    import tempfile
+
+    from lorakit.loading.memwatch import rss_anon
+    from lorakit.train.hooks import Hooks
+    from lorakit.train.options import load_options
+    from lorakit.train.recipe import train
+    t0 = time.perf_counter()
+    seen = {"runtime_bytes": rss_anon(), "step_s": []}
+
+    class Timer(Hooks):
+        def on_train_start(self, run) -> None:
+            seen["loaded"], seen["after_load_bytes"] = time.perf_counter(), rss_anon()
+
+        def on_step_end(self, run, result) -> None:
+            seen["step_s"].append(round(run.step_seconds, 2))
+            seen["loss"] = float(result.loss)
+
+    with tempfile.TemporaryDirectory() as out:
+        o = load_options(base=dict(model=folder, out=out, quantize="nf4", gradient_checkpointing=gc,
+                                   dtype=dtype or "bfloat16", r=r, lora_alpha=2 * r, batch_size=batch,
+                                   max_seq_len=seq, packing=True, max_steps=steps, warmup_steps=0, eval_every=0,
+                                   save_every=0, eval_limit=1, baseline_eval=False, accuracy=False, progress=False,
+                                   device="cpu"))
+        train(o, hooks=[Timer()])
+    return {"mode": "lorakit-train", "load_s": round(seen.get("loaded", t0) - t0, 2), "step_s": seen["step_s"],
+            "runtime_bytes": seen["runtime_bytes"], "after_load_bytes": seen.get("after_load_bytes", 0),
+            "loss": seen.get("loss")}
+
+
 # ============================================================================ parent
 def measure(mode: str, folder: Path, args) -> dict:
     from lorakit.loading.memwatch import run_measured
@@ -148,9 +184,10 @@ def measure(mode: str, folder: Path, args) -> dict:
 
 def plan_for(mode: str, folder: Path, args) -> dict:
     from lorakit.loading.plan import plan_memory
-    p = plan_memory(folder, quantize="nf4" if "qlora" in mode else None, r=args.r, batch_size=args.batch,
-                    max_seq_len=args.seq, gradient_checkpointing=not args.no_gc, memory=2 ** 50,
-                    dtype="float32" if mode.endswith("fp32") else args.dtype)
+    p = plan_memory(folder, quantize="nf4" if ("qlora" in mode or mode == "lorakit-train") else None, r=args.r,
+                    batch_size=args.batch, max_seq_len=args.seq, gradient_checkpointing=not args.no_gc,
+                    memory=2 ** 50, dtype="float32" if mode.endswith("fp32") else
+                    (args.dtype or "bfloat16") if mode == "lorakit-train" else args.dtype)
     return {"plan_peak_bytes": p.peak, "plan_loading_bytes": p.loading_peak, "plan_training_bytes": p.training_peak,
             "plan_text": str(p)}
 
@@ -176,7 +213,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=None,
                     help="checkpoint shapes to run (default: 3b, and 8b when >= 18 GiB is available)")
-    ap.add_argument("--runs", nargs="+", default=None, help="only these runs (lorakit-qlora, peft-qlora, lorakit-bf16)")
+    ap.add_argument("--runs", nargs="+", default=None, help="only these runs (lorakit-qlora, lorakit-train, peft-qlora, lorakit-bf16)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=256)
@@ -215,7 +252,7 @@ def main(argv=None) -> int:
             print(f"  peak {res['peak_bytes'] / 2 ** 30:.2f} GiB" + (f", {res['s_per_step']} s/step"
                                                                      if "s_per_step" in res else " FAILED"), flush=True)
         by = {r["mode"]: r for r in results["runs"] if r["shape"] == shape and "error" not in r}
-        for mine in ("lorakit-qlora", "lorakit-qlora-fp32"):
+        for mine in ("lorakit-qlora", "lorakit-qlora-fp32", "lorakit-train"):
             if mine in by and "peft-qlora" in by:
                 a, b = by[mine], by["peft-qlora"]
                 results["comparisons"][f"{shape} {mine}"] = {

@@ -29,6 +29,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--template", choices=("auto", "chat", "alpaca"), default=None,
                    help="prompt template (default: the adapter's run template, else auto)")
     p.add_argument("--system", default=None, help="system prompt for chat templates (default: the run's)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=None,
+                   help="dtype of the base's weights that are not 4-bit (default: the adapter's run's, else auto: "
+                        "float32 on CPU, the checkpoint's stored dtype on CUDA)")
     p.add_argument("--quantize", choices=("none", "nf4", "nf4-gptq"), default=None,
                    help="quantize the base to 4-bit NF4 before loading the adapter, as QLoRA trains it; nf4-gptq "
                         "redoes the run's GPTQ calibration (default: what the adapter's run used, else none)")
@@ -72,7 +75,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         raise DataError(f"{args.data}: eval needs Alpaca rows with an 'output' (the expected answer)")
     model, tokenizer, template, system = load_for_inference(args.model, args.adapter, args.template, args.system,
                                                             trust_remote_code=args.trust_remote_code,
-                                                            quantize=args.quantize)
+                                                            quantize=args.quantize, dtype=args.dtype)
     if args.adapter and not args.no_merge:
         merge_for_inference(model)
     # one forward per row gives its answer and its loss (lorakit.train.heldout)

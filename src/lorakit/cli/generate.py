@@ -26,6 +26,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--template", choices=("auto", "chat", "alpaca"), default=None,
                    help="prompt template (default: the adapter's run template, else auto)")
     p.add_argument("--system", default=None, help="system prompt for chat templates (default: the run's)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=None,
+                   help="dtype of the base's weights that are not 4-bit (default: the adapter's run's, else auto: "
+                        "float32 on CPU, the checkpoint's stored dtype on CUDA)")
     p.add_argument("--quantize", choices=("none", "nf4", "nf4-gptq"), default=None,
                    help="quantize the base to 4-bit NF4 before loading the adapter, as QLoRA trains it; nf4-gptq "
                         "redoes the run's GPTQ calibration (default: what the adapter's run used, else none)")
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model, tokenizer, template, system = load_for_inference(args.model, args.adapter, args.template, args.system,
                                                             trust_remote_code=args.trust_remote_code,
-                                                            quantize=args.quantize)
+                                                            quantize=args.quantize, dtype=args.dtype)
 
     def answer(text: str, context: str = "") -> str:
         prompt = render_prompt({"instruction": text, "input": context}, tokenizer, template, system)

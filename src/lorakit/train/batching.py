@@ -3,7 +3,7 @@
 Data order depends only on (seed, epoch), so a run resumed at (epoch, batch index) sees the same batches as
 an uninterrupted one. Two ways to carry no padding:
 
-    grouped_batch_order(lengths, batch_size, seed, epoch)          (option group_by_length, the default)
+    grouped_batch_order(lengths, batch_size, seed, epoch)          (option group_by_length)
         shuffle (seed, epoch) -> windows of 50 batches -> sort each window by length -> cut into batches
         -> shuffle the batch order (same generator; a short last batch stays last)
         Rows of similar length share a batch, so padding to the batch's longest row costs ~nothing; which

@@ -6,18 +6,21 @@ import sys
 from lorakit.errors import ConfigError
 from lorakit.io.adapter_paths import resolve_adapter_dir, run_dir_of
 from lorakit.train.options import load_options, read_config_file
-from lorakit.train.prepare import calibration_inputs, load_data, quantize_gptq, tokenize_training
+from lorakit.train.prepare import (calibration_inputs, load_data, quantize_gptq, resolve_dtype, streamable,
+                                   tokenize_training)
 from lorakit.train.runtime import resolve_device
 
 
 def load_for_inference(model_spec: str | None, adapter: str | None, template: str | None = None,
                        system: str | None = None, device: str = "auto", trust_remote_code: bool = False,
-                       quantize: str | None = None):
+                       quantize: str | None = None, dtype: str | None = None):
     """Returns (model, tokenizer, template, system) with the adapter loaded; template/system default to the run's.
 
     An adapter written by `lorakit train` sits in a run folder whose config.yaml names the template, system
     prompt and quantization it was trained with; generation and evaluation use the same unless told otherwise
-    (quantize: "nf4" or "none"; None = the run's setting, else none).
+    (quantize: "nf4" or "none"; None = the run's setting, else none; dtype: as `lorakit train --dtype`,
+    None = the run's setting, else auto). Safetensors folders, GGUF files and the embedded default load tensor
+    by tensor (lorakit.train.prepare.load_base's rule); nf4-gptq and remote-code models load whole.
     """
     if quantize not in (None, "none", "nf4", "nf4-gptq"):
         raise ConfigError(f"--quantize {quantize!r}: choose none, nf4 or nf4-gptq")
@@ -33,13 +36,23 @@ def load_for_inference(model_spec: str | None, adapter: str | None, template: st
                 run_cfg = read_config_file(run_dir / "config.yaml")
             except ConfigError:
                 pass
-    model, tokenizer = load_model(model_spec or run_cfg.get("model") or "default", trust_remote_code=trust_remote_code)
-    model.to(resolve_device(device))
+    spec = model_spec or run_cfg.get("model") or "default"
     how = quantize or run_cfg.get("quantize")
-    if how == "nf4":
-        from lorakit.model.quantize import quantize as quantize_model
-        model = quantize_model(model) or model
-    elif how == "nf4-gptq":  # the same base the adapter trained on: GPTQ on the run's own calibration rows
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype or run_cfg.get("dtype") or "auto", dev)
+    if streamable(spec, None if how in (None, "none") else how, trust_remote_code):
+        from lorakit.loading.streaming import load_pretrained_streaming
+        model, tokenizer = load_pretrained_streaming(spec, quantize="nf4" if how == "nf4" else None, dtype=dt,
+                                                     device=dev)
+    else:
+        import torch
+        model, tokenizer = load_model(spec, trust_remote_code=trust_remote_code,
+                                      dtype=getattr(torch, dt) if dt else torch.float32)
+        model.to(dev)
+        if how == "nf4":
+            from lorakit.model.quantize import quantize as quantize_model
+            model = quantize_model(model) or model
+    if how == "nf4-gptq":  # the same base the adapter trained on: GPTQ on the run's own calibration rows
         o = load_options(base={k: v for k, v in run_cfg.items() if k != "resume"})
         train_ex, _ = tokenize_training(o, load_data(o, tokenizer, lambda *a, **k: None)["train_records"], tokenizer)
         if not train_ex:

@@ -60,9 +60,10 @@ class _RunOptions:
     max_seq_len: int = _opt(256, "longest example in tokens; longer rows are truncated (and counted)")
     train_on_inputs: bool = _opt(False, "also train on prompt tokens (default: loss on the response only)")
     packing: bool = _opt(False, "pack several examples into each max_seq_len block")
-    group_by_length: bool = _opt(True, "batch rows of similar length together (sorted within shuffled windows of "
-                                 "50 batches, then the batches shuffled): ~no padding, same deterministic, "
-                                 "resumable order for a seed")
+    group_by_length: bool = _opt(False, "batch rows of similar length together (sorted within shuffled windows of "
+                                 "50 batches, then the batches shuffled): ~no padding, a deterministic, resumable "
+                                 "order; off by default: on the default data it makes batches single-task and the "
+                                 "60-step run learns less (docs/JOB.md)")
     padding_free: bool = _opt(False, "each batch as ONE row: its examples back to back with their own position ids "
                               "(no padding at all, the same loss per example; attention over the concatenation is "
                               "masked block-diagonally, which costs more than grouping on CPU)")
@@ -98,6 +99,11 @@ class _RunOptions:
                          "(ddp when launched with several processes); see docs/distributed.md")
     device: str = _opt("auto", "where to train: auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, "
                        "cuda, cuda:N")
+    dtype: str = _opt("auto", "dtype of the frozen weights that are not 4-bit, and of compute: auto (default) = "
+                      "float32 on CPU (bf16 math is slow there; same as before), the checkpoint's stored dtype "
+                      "on CUDA; float32, bfloat16 (a bf16 checkpoint stays bf16: half the memory) or float16")
+    memory_limit: str | None = _opt(None, "memory budget the run must fit, e.g. 24GiB (default: available "
+                                    "memory); a Llama-style run planned above it is refused before loading")
     # -- evaluation, checkpoints, logging
     eval_every: int = _opt(20, "eval loss every N steps (0 = only at the end)")
     save_every: int = _opt(50, "write a checkpoint every N steps (0 = only at the end)")
@@ -218,6 +224,7 @@ class TrainOptions(_LoraOptions):
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             bad("adam_betas", f"need two numbers in [0, 1), got {self.adam_betas}")
         choices = {"nan_policy": ("stop", "skip"), "quantize": ("none", "nf4", "nf4-gptq"),
+                   "dtype": ("auto", "float32", "bfloat16", "float16"),
                    "strategy": ("auto", "none", "ddp", "fsdp"),
                    "template": ("auto", "chat", "alpaca")}
         for name, allowed in choices.items():

@@ -16,14 +16,90 @@ SMALL_MODEL_PARAMS = 1_000_000_000  # below this, plain NF4 rounding measurably 
 
 def prepare_model(o: TrainOptions, log=print):
     """Returns (model, tokenizer) loaded for the options, on o.device, quantized when quantize=nf4."""
-    from lorakit.loading.pretrained import load_model
+    return load_base(o, log)
 
-    model, tokenizer = load_model(o.model, trust_remote_code=o.trust_remote_code)
-    model.to(resolve_device(o.device))  # before quantizing: bitsandbytes quantizes on the weight's device
-    if o.quantize == "nf4":
-        from lorakit.model.quantize import quantize  # optional: needs bitsandbytes
-        n_params = sum(p.numel() for p in model.parameters())
-        model = quantize(model) or model
+
+def resolve_dtype(dtype: str, device) -> str | None:
+    """Returns the loader's dtype for a --dtype choice: auto = float32 on CPU, the checkpoint's (None) on CUDA."""
+    if dtype in (None, "auto"):
+        return "float32" if torch.device(device).type == "cpu" else None
+    return dtype
+
+
+def streamable(spec, quantize: str | None, trust_remote_code: bool = False) -> bool:
+    """True when the streaming loader takes this model: embedded default, a .gguf file or a safetensors folder
+    without remote code, unquantized or quantize=nf4 (nf4-gptq and the rest keep the whole-model path)."""
+    from pathlib import Path
+
+    from lorakit.loading.pretrained import EMBEDDED_NAMES
+    if quantize not in (None, "none", "nf4") or trust_remote_code:
+        return False
+    if spec is None or str(spec).lower() in EMBEDDED_NAMES:
+        return True
+    path = Path(str(spec)).expanduser()
+    if path.is_file():
+        return path.suffix.lower() == ".gguf"
+    if not (path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))):
+        return False
+    try:
+        import json
+        return "auto_map" not in json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def plan_or_refuse(o: TrainOptions, dtype: str | None, device):
+    """Plans a Llama-style run's peak memory before loading; raises ConfigError (exit 2) when it cannot fit.
+
+    Returns the MemoryPlan, or None where the plan does not cover the model (not a local folder with a
+    Llama-style config.json: the embedded default, GGUF files, hub ids, other architectures)."""
+    from pathlib import Path
+
+    from lorakit.errors import ConfigError
+    from lorakit.loading.plan import check_fits, parse_bytes, plan_memory
+    budget = parse_bytes(o.memory_limit) if o.memory_limit is not None else None  # a bad size: exit 2 here
+    folder = Path(str(o.model)).expanduser() if o.model is not None else None
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    targets = o.target_modules
+    if isinstance(targets, str):
+        targets = None if targets == "all-linear" else [targets]
+    try:
+        plan = plan_memory(folder, quantize=None if o.quantize == "none" else o.quantize, dtype=dtype, r=o.r,
+                           target_modules=targets, batch_size=o.batch_size, max_seq_len=o.max_seq_len,
+                           gradient_checkpointing=o.gradient_checkpointing, device=str(device), memory=budget,
+                           model_name=str(o.model))
+    except ConfigError:
+        return None  # not a Llama-style config (or targets the plan does not know): no plan, no refusal
+    check_fits(plan, folder)
+    return plan
+
+
+def load_base(o: TrainOptions, log=print):
+    """Returns (model, tokenizer): the base model of the options, on o.device, in o.dtype, quantized as asked.
+
+    Safetensors folders, GGUF files and the embedded default load tensor by tensor (quantized to NF4 as they
+    are read; lorakit.loading.load_pretrained_streaming) after the memory plan says the run fits; nf4-gptq,
+    remote-code and hub models load whole (load_model -> .to(device) -> quantize).
+    """
+    device = resolve_device(o.device)
+    dtype = resolve_dtype(o.dtype, device)
+    quantize = None if o.quantize == "none" else o.quantize
+    plan_or_refuse(o, dtype, device)
+    if streamable(o.model, quantize, o.trust_remote_code):
+        from lorakit.loading.streaming import load_pretrained_streaming
+        model, tokenizer = load_pretrained_streaming(o.model, quantize=quantize, dtype=dtype, device=device)
+    else:
+        from lorakit.loading.pretrained import load_model
+        model, tokenizer = load_model(o.model, dtype=getattr(torch, dtype) if dtype else torch.float32,
+                                      trust_remote_code=o.trust_remote_code)
+        model.to(device)  # before quantizing: bitsandbytes quantizes on the weight's device
+        if quantize == "nf4":
+            from lorakit.model.quantize import quantize as quantize_model  # optional: needs bitsandbytes
+            model = quantize_model(model) or model
+    if quantize == "nf4":
+        n_params = sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
+                       for p in model.parameters())
         if n_params < SMALL_MODEL_PARAMS:
             log(f"note: round-to-nearest NF4 costs small models a lot of accuracy ({n_params / 1e6:.0f}M parameters "
                 f"here; README, QLoRA); --quantize nf4-gptq keeps the same 4-bit format with far less damage")
