@@ -43,9 +43,15 @@ def streamable(spec, quantize: str | None, trust_remote_code: bool = False) -> b
         return False
     try:
         import json
-        return "auto_map" not in json.loads((path / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
+    if "auto_map" in config:
+        return False
+    # transformers rewrites some checkpoints' layout while loading (e.g. per-expert MoE tensors into fused 3-D
+    # ones); the streaming loader reads tensors under their stored names, so those models take the other path.
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    return get_checkpoint_conversion_mapping(config.get("model_type", "")) is None
 
 
 def plan_or_refuse(o: TrainOptions, dtype: str | None, device):
