@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lorakit.errors import LorakitError
+from lorakit.io.atomic import check_parents
 
 
 def check_output_file(path: str | os.PathLike, force: bool = False) -> Path:
@@ -18,11 +19,7 @@ def check_output_file(path: str | os.PathLike, force: bool = False) -> Path:
         raise LorakitError(f"{out} is a folder; --out names the file to write (for example {out / 'model.gguf'}).")
     if out.exists() and not force:
         raise LorakitError(f"{out} already exists; pass --force to replace it, or choose another --out.")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise LorakitError(f"cannot create {out}: {parent} is a file, not a folder.")
-            break
+    check_parents(out)
     return out
 
 

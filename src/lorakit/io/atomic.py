@@ -49,9 +49,14 @@ def check_output_dir(directory: str | os.PathLike) -> Path:
     if final.exists() and not final.is_dir():
         raise LorakitError(f"{final} exists and is a file; refusing to replace it with a folder. "
                            f"Choose another output path or move the file away.")
-    for parent in final.parents:
+    check_parents(final)
+    return final
+
+
+def check_parents(path: Path) -> None:
+    """Raises LorakitError when the nearest existing ancestor of `path` is a file (nothing can be created there)."""
+    for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise LorakitError(f"cannot create {final}: {parent} is a file, not a folder. Choose another output path.")
+                raise LorakitError(f"cannot create {path}: {parent} is a file, not a folder. Choose another output path.")
             break
-    return final
