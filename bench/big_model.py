@@ -9,14 +9,18 @@ Checkpoints are written once into ${LORAKIT_CACHE:-~/.cache/lorakit}/synthetic/<
 by shard: never the whole model in memory). Every configuration runs in its own subprocess; its peak private
 memory is the largest RssAnon (/proc/PID/status) a watcher thread in the parent sees while it runs:
 
-    lorakit-qlora   lorakit.loading.load_pretrained_streaming(quantize="nf4") + lorakit.inject (r=16, all-linear)
-                    + lorakit.enable_gradient_checkpointing + AdamW, loss = lorakit's training loss (chunked head)
+    lorakit-qlora   lorakit.loading.load_pretrained_streaming(quantize="nf4", dtype=float32 on CPU: lorakit's
+                    default compute there) + lorakit.inject (r=16, all-linear) + enable_gradient_checkpointing +
+                    AdamW, loss = lorakit's training loss (chunked head), allocator as `lorakit train --quantize`
+                    sets it (lorakit.loading.allocator). NF4 linears dequantize into one reused fp32 buffer (the
+                    fused path); the bf16 embedding and head stay bf16, memory-mapped, upcast where used.
     peft-qlora      transformers from_pretrained(BitsAndBytesConfig(nf4, double quant, bf16 compute)) + PEFT
                     LoraConfig(r=16, all-linear) + gradient checkpointing + AdamW, the model's own loss
-    lorakit-qlora-fp32  as lorakit-qlora with dtype float32: embeddings/head/norms fp32, lorakit's fused 4-bit path
+    lorakit-qlora-bf16  as lorakit-qlora computing in bf16 (--dtype bfloat16), as PEFT does
     lorakit-bf16    as lorakit-qlora without quantization (bf16 weights and LoRA), on the 3B shape
     lorakit-train   the user's path: lorakit.train.recipe.train (`lorakit train --quantize nf4 --gradient-checkpointing
-                    --dtype bfloat16 --packing`, memory plan before loading, load_base), s/step from the recipe
+                    --packing` with the default --dtype auto, memory plan before loading, load_base), s/step from
+                    the recipe
 
 Results: bench/results/big_model.json and a markdown table (bench/results/big_model.md).
 """
@@ -43,8 +47,8 @@ SHAPES = {  # Llama-3.1 8B / Llama-3.2 3B / 1B shapes with SmolLM2's 49152-token
                  num_key_value_heads=2, tie_word_embeddings=False),
 }
 VOCAB = 49152
-ALL_RUNS = ["lorakit-qlora", "lorakit-qlora-fp32", "peft-qlora", "lorakit-bf16"]
-RUNS = {"8b": ["lorakit-qlora", "lorakit-train", "peft-qlora"], "3b": ALL_RUNS, "1b": ALL_RUNS, "tiny": ALL_RUNS}
+ALL_RUNS = ["lorakit-qlora", "lorakit-train", "lorakit-qlora-bf16", "peft-qlora", "lorakit-bf16"]
+RUNS = {"8b": ["lorakit-qlora", "lorakit-train", "peft-qlora", "lorakit-qlora-bf16"], "3b": ALL_RUNS, "1b": ALL_RUNS, "tiny": ALL_RUNS}
 
 
 def cache_folder() -> Path:
@@ -69,6 +73,17 @@ def ensure_checkpoint(shape: str) -> Path:
                                       else 2 * 10 ** 6, tokenizer_from=cached_gguf_folder(embedded_model_path()))
 
 
+def lorakit_dtype(mode: str, dtype: str | None) -> str | None:
+    """The dtype a lorakit run loads with: --dtype when given, bf16 compute for *-bf16 runs, else lorakit's
+    default on this CPU (`--dtype auto` = float32; lorakit.train.prepare.resolve_dtype)."""
+    if dtype:
+        return dtype
+    if mode.endswith("bf16"):
+        return "bfloat16"
+    from lorakit.train.prepare import resolve_dtype
+    return resolve_dtype("auto", "cpu")
+
+
 # ============================================================================ worker: one configuration
 def worker(mode: str, folder: str, steps: int, batch: int, seq: int, r: int, gc: bool = True,
            dtype: str | None = None) -> dict:
@@ -84,8 +99,11 @@ def worker(mode: str, folder: str, steps: int, batch: int, seq: int, r: int, gc:
         from lorakit.loading import load_pretrained_streaming
         from lorakit.train.loop import loss_sum
         base = rss_anon()
+        if "qlora" in mode:  # what `lorakit train --quantize` does (lorakit.train.prepare.load_base)
+            from lorakit.loading.allocator import return_freed_memory_promptly
+            return_freed_memory_promptly()
         model, _ = load_pretrained_streaming(folder, quantize="nf4" if "qlora" in mode else None,
-                                             dtype="float32" if mode.endswith("fp32") else dtype)
+                                             dtype=lorakit_dtype(mode, dtype))
         loaded = time.perf_counter()
         after_load = rss_anon()
         lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
@@ -152,7 +170,7 @@ def train_worker(folder: str, steps: int, batch: int, seq: int, r: int, gc: bool
 
     with tempfile.TemporaryDirectory() as out:
         o = load_options(base=dict(model=folder, out=out, quantize="nf4", gradient_checkpointing=gc,
-                                   dtype=dtype or "bfloat16", r=r, lora_alpha=2 * r, batch_size=batch,
+                                   dtype=dtype or "auto", r=r, lora_alpha=2 * r, batch_size=batch,
                                    max_seq_len=seq, packing=True, max_steps=steps, warmup_steps=0, eval_every=0,
                                    save_every=0, eval_limit=1, baseline_eval=False, accuracy=False, progress=False,
                                    device="cpu"))
@@ -186,8 +204,7 @@ def plan_for(mode: str, folder: Path, args) -> dict:
     from lorakit.loading.plan import plan_memory
     p = plan_memory(folder, quantize="nf4" if ("qlora" in mode or mode == "lorakit-train") else None, r=args.r,
                     batch_size=args.batch, max_seq_len=args.seq, gradient_checkpointing=not args.no_gc,
-                    memory=2 ** 50, dtype="float32" if mode.endswith("fp32") else
-                    (args.dtype or "bfloat16") if mode == "lorakit-train" else args.dtype)
+                    memory=2 ** 50, dtype=lorakit_dtype(mode, args.dtype))
     return {"plan_peak_bytes": p.peak, "plan_loading_bytes": p.loading_peak, "plan_training_bytes": p.training_peak,
             "plan_text": str(p)}
 
@@ -213,12 +230,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=None,
                     help="checkpoint shapes to run (default: 3b, and 8b when >= 18 GiB is available)")
-    ap.add_argument("--runs", nargs="+", default=None, help="only these runs (lorakit-qlora, lorakit-train, peft-qlora, lorakit-bf16)")
+    ap.add_argument("--runs", nargs="+", default=None, help="only these runs (" + ", ".join(ALL_RUNS) + ")")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--dtype", default=None, help="lorakit runs' dtype (default: the checkpoint's, bf16)")
+    ap.add_argument("--dtype", default=None, help="lorakit runs' dtype (default: lorakit's own, float32 compute on CPU; bfloat16 for *-bf16 runs)")
     ap.add_argument("--no-gc", action="store_true", help="without gradient checkpointing")
     ap.add_argument("--folder", help="measure this checkpoint folder instead of the synthetic shapes")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -236,7 +253,7 @@ def main(argv=None) -> int:
                           f"{available_memory() / 2 ** 30:.1f} GiB",
                "command": "python bench/big_model.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "settings": dict(steps=args.steps, batch=args.batch, seq=args.seq, r=args.r, threads=args.threads,
-                                gradient_checkpointing=not args.no_gc, dtype=args.dtype or "checkpoint's"),
+                                gradient_checkpointing=not args.no_gc, dtype=args.dtype or "lorakit's default"),
                "runs": [], "comparisons": {}}
     for shape in ([Path(args.folder).name] if args.folder else shapes):
         folder = Path(args.folder) if args.folder else ensure_checkpoint(shape)
@@ -252,7 +269,7 @@ def main(argv=None) -> int:
             print(f"  peak {res['peak_bytes'] / 2 ** 30:.2f} GiB" + (f", {res['s_per_step']} s/step"
                                                                      if "s_per_step" in res else " FAILED"), flush=True)
         by = {r["mode"]: r for r in results["runs"] if r["shape"] == shape and "error" not in r}
-        for mine in ("lorakit-qlora", "lorakit-qlora-fp32", "lorakit-train"):
+        for mine in ("lorakit-qlora", "lorakit-qlora-bf16", "lorakit-train"):
             if mine in by and "peft-qlora" in by:
                 a, b = by[mine], by["peft-qlora"]
                 results["comparisons"][f"{shape} {mine}"] = {

@@ -74,13 +74,22 @@ def test_quantized_equals_lorakit_quantize_of_ordinary_load(ckpt100m):
     from transformers import AutoModelForCausalLM
     x = ids()
     ref = lorakit.quantize(AutoModelForCausalLM.from_pretrained(ckpt100m, dtype=torch.float32).eval())
-    got = stream_folder(ckpt100m, quantize="nf4", dtype=torch.float32).eval()
+    got = stream_folder(ckpt100m, quantize="nf4", dtype=torch.float32, mmap_tables=False).eval()
     a, b = ref.state_dict(), got.state_dict()
     assert list(a) == list(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    # the default keeps the bf16 embedding and head as stored (mapped) and upcasts them where used: same values
+    lean = stream_folder(ckpt100m, quantize="nf4", dtype=torch.float32).eval()
+    c = lean.state_dict()
+    assert c["model.embed_tokens.weight"].dtype == c["lm_head.weight"].dtype == torch.bfloat16
+    for k in a:
+        assert torch.equal(a[k], c[k].to(a[k].dtype)), k
     with torch.no_grad():
-        assert torch.equal(ref(x).logits, got(x).logits)
+        want = ref(x).logits
+        assert torch.equal(want, got(x).logits)
+        assert lean(x).logits.dtype == torch.float32
+        torch.testing.assert_close(lean(x).logits, want, rtol=1e-5, atol=1e-5)  # the head's GEMM blocks differ
 
 
 MEASURE = """
@@ -128,6 +137,56 @@ def test_tied_embeddings_share_one_tensor(tmp_path):
         m = stream_folder(tmp_path, quantize=q)
         assert m.lm_head.weight is m.model.embed_tokens.weight
         assert m.model.rotary_emb.inv_freq.device.type == "cpu" and torch.isfinite(m.model.rotary_emb.inv_freq).all()
+
+
+def file_backed(t: torch.Tensor) -> str | None:
+    """Returns the file whose mapping holds t's data (from /proc/self/maps), None for anonymous memory."""
+    ptr = t.data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(v, 16) for v in parts[0].split("-"))
+            if lo <= ptr < hi:
+                return parts[5] if len(parts) > 5 and parts[5].startswith("/") else None
+    return None
+
+
+def test_tables_are_views_of_the_checkpoint_map(tiny):
+    """Embedding and head kept in their stored dtype are file-backed (mmap_tables, the default); converted to
+    another dtype, or with mmap_tables=False, they are private copies. Logits are the same either way."""
+    mapped = stream_folder(tiny, quantize="nf4")
+    private = stream_folder(tiny, quantize="nf4", mmap_tables=False)
+    converted = stream_folder(tiny, dtype=torch.float32)
+    for m, want in ((mapped, True), (private, False), (converted, False)):
+        for t in (m.model.embed_tokens.weight, m.lm_head.weight):
+            assert (file_backed(t) or "").endswith(".safetensors") is want
+        assert file_backed(m.model.layers[0].input_layernorm.weight) is None  # small: always private
+    with torch.no_grad():
+        assert torch.equal(mapped(ids()).logits, private(ids()).logits)
+    # a write (a user training the table) copies the page into private memory; the file never changes
+    before = (tiny / "model-00001-of-00002.safetensors").read_bytes() if (tiny / "model-00001-of-00002.safetensors"
+                                                                          ).exists() else None
+    with torch.no_grad():
+        mapped.model.embed_tokens.weight[0].fill_(7)
+    assert mapped.model.embed_tokens.weight[0, 0].item() == 7
+    fresh = stream_folder(tiny, quantize="nf4")
+    assert not torch.equal(fresh.model.embed_tokens.weight[0], mapped.model.embed_tokens.weight[0])
+    if before is not None:
+        assert (tiny / "model-00001-of-00002.safetensors").read_bytes() == before
+
+
+def test_mapped_tables_leave_private_memory(ckpt100m):
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    peaks = {}
+    for mmap in (True, False):
+        code = MEASURE.replace("quantize=sys.argv[2] if sys.argv[2] != \"none\" else None",
+                               f"quantize='nf4', mmap_tables={mmap}")
+        rc, peak, out, err = run_measured([sys.executable, "-c", code, str(ckpt100m), "nf4"], env=env)
+        assert rc == 0, err
+        before, after = (int(v) for v in out.split())
+        peaks[mmap] = after - before
+    tables = 2 * 8192 * 768 * 2  # untied bf16 embedding + head
+    assert peaks[False] - peaks[True] > 0.8 * tables, peaks
 
 
 # ---------------------------------------------------------------------------- bad inputs: one clear message

@@ -110,3 +110,14 @@ def test_padding_free_training_step_equals_the_padded_one():
     (l0, t0, i0, p0), (l1, t1, i1, p1) = results
     assert (t0, i0) == (t1, i1) and l0 == pytest.approx(l1, abs=1e-5)
     torch.testing.assert_close(p1, p0, atol=1e-5, rtol=1e-4)
+
+
+def test_padding_free_is_the_default_where_it_is_exact():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    llama = tiny_model(101)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=101))
+    assert batching.resolve_padding_free(None, llama) is True  # Llama-style: exact (tests above)
+    assert batching.resolve_padding_free(None, gpt2) is False  # no packed-row masking: padded batches
+    assert batching.resolve_padding_free(False, llama) is False and batching.resolve_padding_free(True, gpt2) is True
+    llama.config._attn_implementation = "flex_attention"
+    assert batching.resolve_padding_free(None, llama) is False

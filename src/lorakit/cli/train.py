@@ -20,7 +20,7 @@ _BOOL = "bool"
 
 
 def _is_bool(f) -> bool:
-    return f.type in (bool, "bool")
+    return f.type in (bool, "bool", "bool | None")  # bool | None: unset means "lorakit decides"
 
 
 class _IntermixedParser(argparse.ArgumentParser):
@@ -58,7 +58,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     for f in option_fields():
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")  # argparse formats help
+        shown = "auto" if default is None and _is_bool(f) else default
+        help_text = f"{f.metadata.get('help', '')} (default: {shown})".replace("%", "%%")  # argparse formats help
         if f.name == "resume":
             p.add_argument(flag, nargs="?", const="latest", default=None, metavar="PATH", help=help_text)
         elif _is_bool(f):

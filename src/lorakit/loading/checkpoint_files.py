@@ -7,7 +7,9 @@
 `open_checkpoint(folder)` reads only the headers (a few KiB per file): every shard the index names must exist,
 every file's data must be as long as its header says (a truncated or corrupt download is caught here, not
 halfway through loading), and every tensor the index lists must be in its shard. `CheckpointFiles.read(name)`
-then returns one tensor, read from the memory-mapped file into private memory.
+then returns one tensor, read from the memory-mapped file into private memory; `CheckpointFiles.mapped(name)`
+returns it as a view of a private (copy-on-write) mapping of its file instead: its pages are the page cache's, which
+the kernel can drop and read again, and they never count as the process's private memory.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class TensorInfo:
     file: Path
     dtype: str  # safetensors' name, e.g. "BF16"
     shape: tuple[int, ...]
+    offset: int = 0  # where its data starts in the file, in bytes
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
@@ -83,7 +86,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if b - a != math.prod(shape) * DTYPES[dtype][1]:
             raise ModelLoadError(f"Checkpoint file {path}: tensor {name!r} ({dtype}, shape {list(shape)}) has "
                                  f"{b - a} bytes of data; the file is corrupt: download it again.")
-        out[name] = TensorInfo(name, path, dtype, shape)
+        out[name] = TensorInfo(name, path, dtype, shape, 8 + n + a)
         end = max(end, b)
     if size != 8 + n + end:
         raise ModelLoadError(f"Checkpoint file {path} is truncated or corrupt: its header describes {8 + n + end} "
@@ -97,6 +100,7 @@ class CheckpointFiles:
     def __init__(self, folder: Path, files: list[Path], tensors: dict[str, TensorInfo]):
         self.folder, self.files, self.tensors = folder, files, tensors
         self._open: dict[Path, object] = {}
+        self._maps: dict[Path, torch.Tensor] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -125,8 +129,27 @@ class CheckpointFiles:
         except Exception as e:
             raise ModelLoadError(f"Could not read tensor {name!r} from {info.file}: {e}") from None
 
+    def mapped(self, name: str) -> torch.Tensor | None:
+        """Returns tensor `name` as a view of a private memory map of its file (read-only use: a write copies the
+        touched pages into private memory, never into the file), or None when its bytes are not aligned for a
+        view. The mapping lives as long as the tensor; a file truncated while mapped makes its reader crash."""
+        info = self.tensors[name]
+        whole = self._maps.get(info.file)
+        try:
+            if whole is None:
+                storage = torch.UntypedStorage.from_file(str(info.file), shared=False,
+                                                         nbytes=info.file.stat().st_size)
+                whole = self._maps[info.file] = torch.empty(0, dtype=torch.uint8).set_(storage)
+        except (OSError, RuntimeError) as e:
+            raise ModelLoadError(f"Could not map {info.file}: {e}") from None
+        size = DTYPES[info.dtype][1]
+        if info.offset % size:
+            return None
+        return whole[info.offset: info.offset + info.nbytes].view(info.torch_dtype).view(info.shape)
+
     def close(self) -> None:
         self._open.clear()
+        self._maps.clear()  # the tensors already returned keep their own mapping alive
 
 
 def open_checkpoint(folder: str | Path) -> CheckpointFiles:

@@ -7,6 +7,10 @@
                input + one block's saved tensors during its recomputation) + the loss head
              + the dequantization workspace (4-bit: one buffer the size of the largest layer)
 
+Embedding tables and the output head that the streaming loader keeps in their stored dtype on the CPU are
+views of the checkpoint's memory map (lorakit.loading.streaming): page cache, not private memory, listed apart
+and not counted in the peak (the kernel can drop those pages and read them again when memory runs short).
+
 Frozen weights: NF4 + double quantization is 0.5 byte per weight + 1 byte per 64 (absmax, 8-bit) + 4 bytes
 per 64*256 (the absmax's own scale) = 0.5159 byte/param; embeddings, the output head and norms stay in the
 storage dtype. The activation constants (elements saved per token and layer) were measured with torch on
@@ -140,6 +144,7 @@ class MemoryPlan:
     options: dict
     parts: dict = field(default_factory=dict)  # name -> bytes (training peak's terms)
     frozen_by_dtype: dict = field(default_factory=dict)
+    mapped: dict = field(default_factory=dict)  # memory-mapped frozen tables (page cache, not in the peak)
     loading_peak: int = 0
     training_peak: int = 0
     activations_other: int = 0  # activations with gradient checkpointing flipped
@@ -170,6 +175,8 @@ class MemoryPlan:
                  "  frozen weights"]
         for k, v in self.frozen_by_dtype.items():
             lines.append(f"    {k:<36}{format_bytes(v):>12}")
+        for k, v in self.mapped.items():
+            lines.append(f"    {k:<36}{format_bytes(v):>12}  (memory-mapped: page cache, not in the peak)")
         for k, v in self.parts.items():
             if k != "frozen weights":
                 lines.append(f"  {k:<38}{format_bytes(v):>12}")
@@ -208,12 +215,14 @@ def _head_bytes(s: Shape, batch: int, seq: int, e: int) -> int:
 def plan_memory(config_or_path, *, quantize: str | None = None, dtype: str | None = None, r: int = 16,
                 target_modules=None, batch_size: int = 1, max_seq_len: int = 512,
                 gradient_checkpointing: bool = False, device: str = "cpu", memory=None,
-                model_name: str | None = None) -> MemoryPlan:
+                model_name: str | None = None, mmap_tables: bool = True) -> MemoryPlan:
     """Returns the MemoryPlan of a LoRA (quantize=None) or QLoRA ("nf4", "nf4-gptq") run of the model.
 
     dtype: the storage/compute dtype (None: config.json's torch_dtype, as the streaming loader keeps it);
     target_modules: None/"all-linear" (q, k, v, o, gate, up, down) or a list of those names; memory: the
-    budget ('24GiB' or bytes; None: this machine's MemAvailable, or the GPU's total memory for cuda).
+    budget ('24GiB' or bytes; None: this machine's MemAvailable, or the GPU's total memory for cuda);
+    mmap_tables: the run loads with the streaming loader, which maps the embedding tables and output head
+    kept in their stored dtype on the CPU (not counted in the peak).
     """
     cfg = read_config(config_or_path)
     s = Shape.from_config(cfg)
@@ -240,13 +249,18 @@ def plan_memory(config_or_path, *, quantize: str | None = None, dtype: str | Non
         frozen["linear layers, NF4 + double quant"] = math.ceil(linear_params * NF4_DQ_BYTES_PER_PARAM)
     else:
         frozen[f"linear layers, {dtype}"] = linear_params * e
-    frozen[f"embeddings{'' if s.tied else ' + output head'}, {dtype}"] = emb * e * (1 if s.tied else 2)
+    stored_e = DTYPE_BYTES[s.dtype]
+    mapped = {}
+    # the streaming loader maps tables kept as stored: same dtype, or a 4-bit run computing wider (upcast on use)
+    if mmap_tables and dev == "cpu" and (dtype == s.dtype or (quantize and e > stored_e)):
+        mapped[f"embeddings{'' if s.tied else ' + output head'}, {s.dtype}"] = emb * stored_e * (1 if s.tied else 2)
+    else:
+        frozen[f"embeddings{'' if s.tied else ' + output head'}, {dtype}"] = emb * e * (1 if s.tied else 2)
     frozen[f"norms, {dtype}"] = (2 * s.layers + 1) * s.hidden * e
     frozen_total = sum(frozen.values())
     lora_params = s.layers * sum(r * (lin[t][0] + lin[t][1]) for t in targets)
     le = 4 if quantize else e  # LoRA factors: fp32 on a 4-bit base, else the base's dtype
     largest = max(a * b for a, b in lin.values())
-    stored_e = DTYPE_BYTES[s.dtype]
 
     runtime = RUNTIME_BYTES[dev] + (BNB_RUNTIME_BYTES if quantize else 0)
 
@@ -259,10 +273,6 @@ def plan_memory(config_or_path, *, quantize: str | None = None, dtype: str | Non
             f"activations (checkpointing {'on' if gc else 'off'})": _activation_bytes(s, batch, seq, e, gc, r),
             "loss head": _head_bytes(s, batch, seq, e),
             "dequantization workspace": largest * e if quantize else 0,
-            # A 4-bit base computing in bf16/fp16 with fp32 LoRA factors misses the fused path: each LoRA layer
-            # keeps an fp32 copy of its input for every layer (measured: 88M and 3B Llama shapes, +-5%).
-            "fp32 copies of LoRA inputs": (s.layers * batch * seq * 4 * sum(lin[t][0] for t in targets)
-                                                            if quantize and e != 4 else 0),
             "runtime (interpreter, torch, ...)": runtime,
         }
         run_time = sum(v for k, v in parts.items() if k not in ("frozen weights", "runtime (interpreter, torch, ...)"))
@@ -270,7 +280,7 @@ def plan_memory(config_or_path, *, quantize: str | None = None, dtype: str | Non
         return sum(parts.values()), parts
 
     total, parts = training(batch_size, max_seq_len, gradient_checkpointing)
-    biggest_stored = max(emb, largest) * stored_e
+    biggest_stored = (largest if mapped else max(emb, largest)) * stored_e
     loading = runtime + frozen_total + biggest_stored + (largest * 4 * 2 if quantize else 0)
 
     def fits(batch, seq):
@@ -291,10 +301,10 @@ def plan_memory(config_or_path, *, quantize: str | None = None, dtype: str | Non
 
     options = dict(quantize=quantize, dtype=dtype, r=r, targets=targets, batch_size=batch_size,
                    max_seq_len=max_seq_len, gradient_checkpointing=gradient_checkpointing, device=str(device),
-                   parameters=s.parameters())
+                   parameters=s.parameters(), mmap_tables=mmap_tables)
     return MemoryPlan(model=model_name or str(cfg.get("_name_or_path") or config_or_path if not isinstance(
                           config_or_path, dict) else cfg.get("_name_or_path", "model")),
-                      options=options, parts=parts, frozen_by_dtype=frozen, loading_peak=loading,
+                      options=options, parts=parts, frozen_by_dtype=frozen, mapped=mapped, loading_peak=loading,
                       training_peak=total,
                       activations_other=_activation_bytes(s, batch_size, max_seq_len, e, not gradient_checkpointing, r),
                       budget=budget, max_batch=largest_fitting(lambda b: fits(b, max_seq_len)),
@@ -345,7 +355,7 @@ def replan(plan: MemoryPlan, config_or_path, **changes) -> MemoryPlan:
     base = dict(quantize=o["quantize"], dtype=o["dtype"], r=o["r"], target_modules=o["targets"],
                 batch_size=o["batch_size"], max_seq_len=o["max_seq_len"],
                 gradient_checkpointing=o["gradient_checkpointing"], device=o["device"], memory=plan.budget,
-                model_name=plan.model)
+                model_name=plan.model, mmap_tables=o.get("mmap_tables", True))
     return plan_memory(config_or_path, **{**base, **changes})
 
 

@@ -7,6 +7,12 @@
                                                                         (lorakit.ops.nf4.quantize_linear), drop the
                                                                         full-precision weight
                                    anything else: cast to `dtype` (default: the checkpoint's own) on `device`
+                                   an embedding table or the output head kept in its stored dtype on the CPU
+                                   (mmap_tables=True, the default): a view of the file's private memory map
+                                   (CheckpointFiles.mapped), as llama.cpp does: frozen, read-only, its pages in
+                                   the page cache (an embedding reads only the rows of the tokens it sees);
+                                   quantized with a wider dtype (fp32 compute on a CPU), they stay as stored
+                                   and are upcast where used (lorakit.model.storage_dtype)
     tied parameters (lm_head = embed_tokens) share one tensor; non-persistent buffers (rotary inv_freq) are
     computed by the modules' constructors, as from_pretrained does.
 
@@ -152,10 +158,16 @@ def _check_complete(model: nn.Module, files: CheckpointFiles, tie: bool) -> dict
     return found
 
 
+def _table_ids(model: nn.Module) -> set[int]:
+    # The big frozen tables a model reads a slice of (embeddings) or streams through once per step (the head).
+    return _head_ids(model) | {id(m) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
 def _materialize(model: nn.Module, files: CheckpointFiles, found: dict[str, str], quantize: str | None,
-                 targets: set[str], dtype: torch.dtype | None, device: torch.device) -> None:
+                 targets: set[str], dtype: torch.dtype | None, device: torch.device, mmap_tables: bool = False) -> None:
     from lorakit.ops.nf4 import quantize_linear, release_freed_memory
     done: dict[str, nn.Parameter] = {}  # checkpoint name -> loaded parameter (tied weights share it)
+    tables = _table_ids(model) if mmap_tables and device.type == "cpu" else set()
     for mname, module in list(model.named_modules()):
         prefix = f"{mname}." if mname else ""
         if quantize and mname in targets:
@@ -181,8 +193,18 @@ def _materialize(model: nn.Module, files: CheckpointFiles, found: dict[str, str]
             if stored in done:
                 module._parameters[pname] = done[stored]
                 continue
-            done[stored] = module._parameters[pname] = nn.Parameter(_private(files.read(stored), dtype, device),
-                                                                    requires_grad=p.requires_grad)
+            t = None
+            if id(module) in tables:
+                kept = files.tensors[stored].torch_dtype
+                if dtype in (None, kept):
+                    t = files.mapped(stored)
+                elif quantize and kept.is_floating_point and dtype.itemsize > kept.itemsize:
+                    # QLoRA computing wider than the checkpoint (fp32 on a CPU): the table stays as stored
+                    # and is upcast where it is used (lorakit.model.storage_dtype)
+                    t = files.mapped(stored)
+
+            done[stored] = module._parameters[pname] = nn.Parameter(
+                _private(files.read(stored), dtype, device) if t is None else t, requires_grad=p.requires_grad)
         for bname, b in list(module._buffers.items()):
             if b is None:
                 continue
@@ -199,7 +221,7 @@ def _private(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device) -
 
 def stream_folder(folder: str | os.PathLike, *, quantize: str | None = None, dtype=None,
                   device: str | torch.device = "cpu", target_modules=None, skip_modules=DEFAULT_SKIP,
-                  trust_remote_code: bool = False) -> nn.Module:
+                  trust_remote_code: bool = False, mmap_tables: bool = True) -> nn.Module:
     """Returns the causal LM in `folder` loaded tensor by tensor (see the module docstring); no tokenizer."""
     from transformers import AutoConfig
     folder = Path(folder)
@@ -226,11 +248,16 @@ def stream_folder(folder: str | os.PathLike, *, quantize: str | None = None, dty
     found = _check_complete(model, files, tie)
     targets = quantize_targets(model, target_modules, skip_modules) if quantize else set()
     try:
-        _materialize(model, files, found, quantize, targets, dtype, device)
+        _materialize(model, files, found, quantize, targets, dtype, device, mmap_tables)
     finally:
         files.close()
     if tie:
         model.tie_weights()
+    narrow = [m for m in model.modules() if id(m) in _table_ids(model) and quantize and dtype is not None
+              and getattr(m, "weight", None) is not None and m.weight.dtype != dtype]
+    if narrow:  # tables kept as stored (see _materialize): computed in `dtype`
+        from lorakit.model.storage_dtype import keep_storage_dtype
+        keep_storage_dtype(narrow, dtype)
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if left:
         raise ModelLoadError(f"Checkpoint in {folder} left {len(left)} parameter(s) unloaded: {', '.join(left[:5])}")
@@ -266,7 +293,7 @@ def _resolve(spec) -> tuple[Path, str]:
 
 def load_pretrained_streaming(spec=None, *, quantize: str | None = None, dtype=None,
                               device: str | torch.device = "cpu", target_modules=None,
-                              skip_modules=DEFAULT_SKIP, trust_remote_code: bool = False):
+                              skip_modules=DEFAULT_SKIP, trust_remote_code: bool = False, mmap_tables: bool = True):
     """Returns (model, tokenizer) like lorakit.models.load_model, loaded tensor by tensor.
 
     spec: None/"default"/"smollm2", a folder with safetensors weights, a .gguf file, or a hub id (downloaded
@@ -274,12 +301,15 @@ def load_pretrained_streaming(spec=None, *, quantize: str | None = None, dtype=N
     layers as they are read). dtype: storage/compute dtype of everything not quantized, and of the 4-bit
     layers' dequantized weights; None keeps the checkpoint's stored dtype (a bf16 checkpoint stays bf16).
     target_modules: None / "all-linear" or a list of module names (last name part) to quantize; skip_modules:
-    name parts never quantized (embeddings and the output head by default).
+    name parts never quantized (embeddings and the output head by default). mmap_tables: on the CPU, embedding
+    tables and the output head that keep their stored dtype are views of the checkpoint's memory map (file pages
+    the kernel can drop and read again, not private memory); False copies them into private memory (do that
+    when the checkpoint files may be rewritten in place while the model is in use).
     """
     from transformers import AutoTokenizer
     folder, name = _resolve(spec)
     model = stream_folder(folder, quantize=quantize, dtype=dtype, device=device, target_modules=target_modules,
-                          skip_modules=skip_modules, trust_remote_code=trust_remote_code)
+                          skip_modules=skip_modules, trust_remote_code=trust_remote_code, mmap_tables=mmap_tables)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:

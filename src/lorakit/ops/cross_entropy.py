@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from lorakit.ops.lora import needs_grad
+from lorakit.ops.upcast import matmul, matmul_t
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -21,7 +22,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hc, tc = h[i: i + chunk], targets[i: i + chunk]
             g = _chunk_loss(hc, weight, bias, tc, ignore_index, total, grads=True)
             if need_h:
-                torch.mm(g.to(h.dtype), weight, out=grad_h[i: i + chunk])
+                matmul(g.to(h.dtype), weight, out=grad_h[i: i + chunk])  # weight upcast by blocks if narrower
             if need_w:
                 grad_w.addmm_(g.t(), hc.float())
             if need_b:
@@ -41,7 +42,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def _chunk_loss(hc, weight, bias, tc, ignore_index, total, grads):
     # adds the chunk's summed cross-entropy to total; returns d(loss)/d(logits) = softmax - onehot (fp32) if grads
-    logits = (torch.addmm(bias, hc, weight.t()) if bias is not None else hc @ weight.t()).float()
+    if weight.dtype == hc.dtype:
+        logits = (torch.addmm(bias, hc, weight.t()) if bias is not None else hc @ weight.t()).float()
+    else:  # a bf16 head under fp32 compute: upcast by blocks of rows (lorakit.ops.upcast)
+        logits = matmul_t(hc, weight)
+        logits = logits + bias.to(logits.dtype) if bias is not None else logits
     valid = tc != ignore_index
     t = torch.where(valid, tc, 0)[:, None]
     lse = torch.logsumexp(logits, dim=1)

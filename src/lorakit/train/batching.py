@@ -69,6 +69,21 @@ def padding_stats(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> d
     return {"real_tokens": real, "padded_tokens": padded, "ratio": padded / max(real, 1)}
 
 
+# Models whose attention masks a packed row by its position ids (transformers' create_causal_mask finds the
+# sequence starts where position ids restart), so each example of a padding-free row attends only to itself.
+PADDING_FREE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+
+
+def resolve_padding_free(option: bool | None, model) -> bool:
+    """Returns the run's padding_free: the option when set, else True where it is exact for `model` (its type is
+    in PADDING_FREE_MODEL_TYPES and it uses sdpa or eager attention)."""
+    if option is not None:
+        return bool(option)
+    cfg = getattr(model, "config", None)
+    return (getattr(cfg, "model_type", None) in PADDING_FREE_MODEL_TYPES
+            and getattr(cfg, "_attn_implementation", "sdpa") in ("sdpa", "eager"))
+
+
 def collate_padding_free(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
     """Returns one (1, sum of lengths) row {input_ids, labels, position_ids}: the examples back to back."""
     ids: list[int] = []

@@ -64,9 +64,10 @@ class _RunOptions:
                                  "50 batches, then the batches shuffled): ~no padding, a deterministic, resumable "
                                  "order; off by default: on the default data it makes batches single-task and the "
                                  "60-step run learns less (docs/JOB.md)")
-    padding_free: bool = _opt(False, "each batch as ONE row: its examples back to back with their own position ids "
-                              "(no padding at all, the same loss per example; attention over the concatenation is "
-                              "masked block-diagonally, which costs more than grouping on CPU)")
+    padding_free: bool | None = _opt(None, "each batch as ONE row: its examples back to back with their own position ids "
+                              "(no padding at all, the same loss per example: attention is masked block-diagonally). "
+                              "Default: on where that is exact (Llama-style models: llama, mistral, qwen2, qwen3, "
+                              "phi3), off elsewhere")
     skip_bad_rows: bool = _opt(False, "skip malformed data rows (and count them) instead of stopping")
     eval_limit: int | None = _opt(None, "use at most this many held-out rows")
     # -- optimization

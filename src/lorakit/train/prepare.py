@@ -74,7 +74,8 @@ def plan_or_refuse(o: TrainOptions, dtype: str | None, device):
         plan = plan_memory(folder, quantize=None if o.quantize == "none" else o.quantize, dtype=dtype, r=o.r,
                            target_modules=targets, batch_size=o.batch_size, max_seq_len=o.max_seq_len,
                            gradient_checkpointing=o.gradient_checkpointing, device=str(device), memory=budget,
-                           model_name=str(o.model))
+                           model_name=str(o.model), mmap_tables=streamable(o.model, o.quantize if o.quantize != "none"
+                                                                           else None, o.trust_remote_code))
     except ConfigError:
         return None  # not a Llama-style config (or targets the plan does not know): no plan, no refusal
     check_fits(plan, folder)
@@ -92,6 +93,9 @@ def load_base(o: TrainOptions, log=print):
     dtype = resolve_dtype(o.dtype, device)
     quantize = None if o.quantize == "none" else o.quantize
     plan_or_refuse(o, dtype, device)
+    if quantize:  # a quantized run is about memory: freed buffers go back to the OS at once (a few % of step time)
+        from lorakit.loading.allocator import return_freed_memory_promptly
+        return_freed_memory_promptly()
     if streamable(o.model, quantize, o.trust_remote_code):
         from lorakit.loading.streaming import load_pretrained_streaming
         model, tokenizer = load_pretrained_streaming(o.model, quantize=quantize, dtype=dtype, device=device)

@@ -31,7 +31,7 @@ import torch
 
 import lorakit
 from lorakit.errors import ConfigError, DataError  # noqa: F401  (re-exported: old import path)
-from lorakit.train.batching import DataPosition, iterate_batches, total_steps
+from lorakit.train.batching import DataPosition, iterate_batches, resolve_padding_free, total_steps
 from lorakit.train.checkpoint import (find_latest_checkpoint, load_checkpoint, prune_checkpoints,  # noqa: F401
                                       resolve_resume, save_checkpoint)
 from lorakit.train.distributed import agree_stop, wrap_for_distributed
@@ -217,7 +217,8 @@ class Recipe:
         """Runs optimizer steps until n_steps, a stop signal, or a hook's should_stop."""
         o, d = self.o, self.data
         batches = iterate_batches(d.train_examples, o.batch_size, o.seed, self.position, d.pad_id, self.rank,
-                                  self.world, group_by_length=o.group_by_length, padding_free=o.padding_free)
+                                  self.world, group_by_length=o.group_by_length,
+                                  padding_free=resolve_padding_free(o.padding_free, self.model))
         for h in self.hooks:
             h.on_train_start(self)
         t_train = time.time()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.model.storage_dtype import is_plain_head
 from lorakit.model.targets import output_head
 from lorakit.ops.cross_entropy import linear_cross_entropy
 from lorakit.train.data import IGNORE_INDEX
@@ -49,7 +50,7 @@ def chunked_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
         return None
     backbone = getattr(model, getattr(model, "base_model_prefix", "") or "model", None)
     head = output_head(model)
-    if not isinstance(backbone, nn.Module) or type(head) is not nn.Linear:
+    if not isinstance(backbone, nn.Module) or not is_plain_head(head):
         return None
     if type(head.weight) is not nn.Parameter or type(backbone).__name__.startswith("FSDP"):
         return None  # sharded (DTensor) weights are gathered by the wrapper's own forward hooks
