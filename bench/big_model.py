@@ -18,6 +18,8 @@ memory is the largest RssAnon (/proc/PID/status) a watcher thread in the parent 
                     LoraConfig(r=16, all-linear) + gradient checkpointing + AdamW, the model's own loss
     lorakit-qlora-bf16  as lorakit-qlora computing in bf16 (--dtype bfloat16), as PEFT does
     lorakit-bf16    as lorakit-qlora without quantization (bf16 weights and LoRA), on the 3B shape
+    lorakit-merge   `lorakit merge` (lorakit.deploy.sharded_merge.merge_sharded) of a random r=16 all-linear adapter
+                    into the checkpoint, written in its dtype and sharding; compared with its largest shard + 1 GiB
     lorakit-train   the user's path: lorakit.train.recipe.train (`lorakit train --quantize nf4 --gradient-checkpointing
                     --packing` with the default --dtype auto, memory plan before loading, load_base), s/step from
                     the recipe
@@ -47,8 +49,8 @@ SHAPES = {  # Llama-3.1 8B / Llama-3.2 3B / 1B shapes with SmolLM2's 49152-token
                  num_key_value_heads=2, tie_word_embeddings=False),
 }
 VOCAB = 49152
-ALL_RUNS = ["lorakit-qlora", "lorakit-train", "lorakit-qlora-bf16", "peft-qlora", "lorakit-bf16"]
-RUNS = {"8b": ["lorakit-qlora", "lorakit-train", "peft-qlora", "lorakit-qlora-bf16"], "3b": ALL_RUNS, "1b": ALL_RUNS, "tiny": ALL_RUNS}
+ALL_RUNS = ["lorakit-qlora", "lorakit-train", "lorakit-qlora-bf16", "peft-qlora", "lorakit-bf16", "lorakit-merge"]
+RUNS = {"8b": ["lorakit-qlora", "lorakit-train", "peft-qlora", "lorakit-merge", "lorakit-qlora-bf16"], "3b": ALL_RUNS, "1b": ALL_RUNS, "tiny": ALL_RUNS}
 
 
 def cache_folder() -> Path:
@@ -73,6 +75,51 @@ def ensure_checkpoint(shape: str) -> Path:
                                       else 2 * 10 ** 6, tokenizer_from=cached_gguf_folder(embedded_model_path()))
 
 
+def ensure_adapter(folder: Path, r: int = 16) -> Path:
+    """Returns a random r-rank all-linear PEFT adapter for the checkpoint in `folder` (written once, fp32)."""
+    import torch
+    from safetensors.torch import save_file
+    cfg = json.loads((folder / "config.json").read_text())
+    out = folder.parent / f"{folder.name}-adapter-r{r}"
+    if (out / "adapter_model.safetensors").exists():
+        return out
+    h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    shapes = {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
+              "self_attn.o_proj": (q, h), "mlp.gate_proj": (h, i), "mlp.up_proj": (h, i), "mlp.down_proj": (i, h)}
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for layer in range(n):
+        for name, (k, d) in shapes.items():
+            key = f"base_model.model.model.layers.{layer}.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, k, generator=g) / k ** 0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(d, r, generator=g) * 1e-3
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps(dict(
+        peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none",
+        target_modules=sorted(n.split(".")[-1] for n in shapes), base_model_name_or_path=str(folder),
+        fan_in_fan_out=False, use_rslora=False), indent=2))
+    return out
+
+
+def merge_worker(folder: str, r: int) -> dict:
+    import tempfile
+
+    from lorakit.deploy.sharded_merge import merge_sharded
+    from lorakit.loading.memwatch import rss_anon
+    adapter = ensure_adapter(Path(folder), r)
+    base = rss_anon()
+    with tempfile.TemporaryDirectory(dir=Path(folder).parent) as tmp:
+        t = time.perf_counter()
+        merge_sharded(folder, str(adapter), Path(tmp) / "merged", log=lambda m: None)
+        took = time.perf_counter() - t
+    shard = max(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+    return {"mode": "lorakit-merge", "load_s": 0.0, "step_s": [round(took, 2)], "runtime_bytes": base,
+            "after_load_bytes": base, "loss": None, "largest_shard_bytes": shard}
+
+
 def lorakit_dtype(mode: str, dtype: str | None) -> str | None:
     """The dtype a lorakit run loads with: --dtype when given, bf16 compute for *-bf16 runs, else lorakit's
     default on this CPU (`--dtype auto` = float32; lorakit.train.prepare.resolve_dtype)."""
@@ -94,6 +141,8 @@ def worker(mode: str, folder: str, steps: int, batch: int, seq: int, r: int, gc:
     t0 = time.perf_counter()
     if mode == "lorakit-train":
         return train_worker(folder, steps, batch, seq, r, gc, dtype)
+    if mode == "lorakit-merge":
+        return merge_worker(folder, r)
     if mode.startswith("lorakit"):
         import lorakit
         from lorakit.loading import load_pretrained_streaming
@@ -217,12 +266,16 @@ def markdown(results: dict) -> str:
         if "error" in r:
             rows.append(f"| {r['shape']} | {r['mode']} | | failed: {r['error'].splitlines()[-1][:80]} | | | |")
             continue
-        plan = f"{r['plan_peak_bytes'] / g:.2f}" if r["mode"].startswith("lorakit") else "—"
-        ratio = f"{r['plan_peak_bytes'] / r['peak_bytes']:.3f}" if r["mode"].startswith("lorakit") else "—"
+        planned = "plan_peak_bytes" in r
+        plan = f"{r['plan_peak_bytes'] / g:.2f}" if planned else "—"
+        ratio = f"{r['plan_peak_bytes'] / r['peak_bytes']:.3f}" if planned else "—"
         rows.append(f"| {r['shape']} | {r['mode']} | {plan} | {r['peak_bytes'] / g:.2f} | {ratio} | "
                     f"{r['load_s']} | {r['s_per_step']} |")
     for shape, c in results.get("comparisons", {}).items():
-        rows.append(f"\n{shape} vs peft-qlora: peak {c['peak_ratio']:.3f}, s/step {c['step_ratio']:.3f}")
+        if "peak_vs_shard_plus_1GiB" in c:
+            rows.append(f"\n{shape}: {c['merge_s']} s, peak / (largest shard + 1 GiB) {c['peak_vs_shard_plus_1GiB']:.3f}")
+        else:
+            rows.append(f"\n{shape} vs peft-qlora: peak {c['peak_ratio']:.3f}, s/step {c['step_ratio']:.3f}")
     return "\n".join(rows) + "\n"
 
 
@@ -261,9 +314,15 @@ def main(argv=None) -> int:
             if args.runs and mode not in args.runs:
                 continue
             print(f"{shape} {mode} ...", flush=True)
+            if mode == "lorakit-merge":
+                ensure_adapter(folder, args.r)  # written before the measured process starts
             res = measure(mode, folder, args)
             res["shape"] = shape
-            if mode.startswith("lorakit"):
+            if mode == "lorakit-merge" and "error" not in res:
+                limit = res["largest_shard_bytes"] + 2 ** 30
+                results["comparisons"][f"{shape} lorakit-merge"] = {
+                    "peak_vs_shard_plus_1GiB": round(res["peak_bytes"] / limit, 3), "merge_s": res["step_s"][0]}
+            if mode.startswith("lorakit") and mode != "lorakit-merge":
                 res.update(plan_for(mode, folder, args))
             results["runs"].append(res)
             print(f"  peak {res['peak_bytes'] / 2 ** 30:.2f} GiB" + (f", {res['s_per_step']} s/step"
