@@ -16,6 +16,10 @@
     tied parameters (lm_head = embed_tokens) share one tensor; non-persistent buffers (rotary inv_freq) are
     computed by the modules' constructors, as from_pretrained does.
 
+quantize="nf4-gptq": the target linears stay on the meta device; the calibration rows run up to the first
+decoder block, then block by block: read its linears in full precision, collect each one's XᵀX on the block's
+inputs, quantize them with GPTQ, run the block again (now 4-bit) to get the next block's inputs.
+
 Peak private memory ≈ the loaded model + one stored tensor (+ its fp32 copy inside bitsandbytes' quantizer).
 """
 from __future__ import annotations
@@ -35,7 +39,7 @@ from lorakit.model.targets import output_head
 
 log = logging.getLogger(__name__)
 
-QUANTIZE_CHOICES = (None, "nf4")
+QUANTIZE_CHOICES = (None, "nf4", "nf4-gptq")
 DEFAULT_SKIP = ("lm_head", "embed_tokens", "wte", "wpe", "embed_positions", "embed_out", "output")
 
 
@@ -164,12 +168,15 @@ def _table_ids(model: nn.Module) -> set[int]:
 
 
 def _materialize(model: nn.Module, files: CheckpointFiles, found: dict[str, str], quantize: str | None,
-                 targets: set[str], dtype: torch.dtype | None, device: torch.device, mmap_tables: bool = False) -> None:
+                 targets: set[str], dtype: torch.dtype | None, device: torch.device, mmap_tables: bool = False,
+                 defer: set[str] = frozenset()) -> None:
     from lorakit.ops.nf4 import quantize_linear, release_freed_memory
     done: dict[str, nn.Parameter] = {}  # checkpoint name -> loaded parameter (tied weights share it)
     tables = _table_ids(model) if mmap_tables and device.type == "cpu" else set()
     for mname, module in list(model.named_modules()):
         prefix = f"{mname}." if mname else ""
+        if mname in defer:
+            continue
         if quantize and mname in targets:
             w = files.read(found[prefix + "weight"])
             lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
@@ -213,13 +220,94 @@ def _materialize(model: nn.Module, files: CheckpointFiles, found: dict[str, str]
     release_freed_memory()
 
 
+class _Caught(Exception):
+    """Raised by the hook that records the first decoder block's inputs (nothing after it runs)."""
+
+
+def _decoder_blocks(model: nn.Module, targets: set[str]) -> tuple[str, nn.ModuleList]:
+    # The ModuleList holding every target linear: the decoder blocks GPTQ walks through in order.
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) and all(t.startswith(name + ".") for t in targets):
+            return name, m
+    raise ModelLoadError("quantize='nf4-gptq' while streaming: the target layers are not all inside one list of "
+                         "decoder blocks; use quantize='nf4', or the whole-model loader (lorakit.quantize)")
+
+
+def _read_linear(model: nn.Module, files: CheckpointFiles, found: dict[str, str], name: str,
+                 dtype: torch.dtype | None, device: torch.device) -> nn.Linear:
+    meta = model.get_submodule(name)
+    lin = nn.Linear(meta.in_features, meta.out_features, bias=meta.bias is not None, device="meta")
+    w = files.read(found[name + ".weight"])
+    lin.weight = nn.Parameter(w.to(device=device, dtype=dtype or w.dtype), requires_grad=False)
+    if meta.bias is not None:
+        b = files.read(found[name + ".bias"])
+        lin.bias = nn.Parameter(b.to(device=device, dtype=dtype or b.dtype), requires_grad=False)
+    return lin
+
+
+@torch.no_grad()
+def _gptq_by_block(model: nn.Module, files: CheckpointFiles, found: dict[str, str], targets: set[str], calibration,
+                   dtype: torch.dtype | None, device: torch.device, damp: float) -> None:
+    """GPTQ one decoder block at a time: the calibration rows' inputs to block i are block i-1's outputs with
+    its weights already quantized (as GPTQ does), and only block i's linears are ever in full precision."""
+    from lorakit.model.state import set_submodule
+    from lorakit.ops.gptq import HessianCollector
+    from lorakit.ops.nf4 import quantize_linear, release_freed_memory
+    prefix, blocks = _decoder_blocks(model, targets)
+    inputs: list[tuple[tuple, dict]] = []
+
+    def catch(module, args, kwargs):
+        inputs.append((args, kwargs))
+        raise _Caught
+
+    was_training = model.training
+    model.eval()
+    hook = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for item in calibration:
+            ids = torch.as_tensor(item)
+            try:
+                model(input_ids=(ids[None] if ids.dim() == 1 else ids).to(device), use_cache=False)
+            except _Caught:
+                pass
+    finally:
+        hook.remove()
+    for i, block in enumerate(blocks):
+        mine = sorted(t for t in targets if t.startswith(f"{prefix}.{i}."))
+        linears = {t: _read_linear(model, files, found, t, dtype, device) for t in mine}
+        for t, lin in linears.items():
+            set_submodule(model, t, lin)
+        collector = HessianCollector(linears)
+        try:
+            for args, kwargs in inputs:
+                block(*args, **kwargs)
+        finally:
+            collector.remove()
+        for t, lin in linears.items():
+            hessian = collector.h.pop(t, None) if lin.in_features % 64 == 0 else None  # GPTQ needs whole blocks
+            set_submodule(model, t, quantize_linear(lin, "nf4", True, hessian=hessian, damp=damp))
+        del linears, collector
+        outs = []
+        for args, kwargs in inputs:  # carried forward through the block as quantized
+            out = block(*args, **kwargs)
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+            if args:
+                outs.append(((hidden,) + tuple(args[1:]), kwargs))
+            else:
+                outs.append((args, {**kwargs, "hidden_states": hidden}))
+        inputs = outs
+        release_freed_memory()
+    model.train(was_training)
+
+
 def _private(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
     # A copy in private memory, never a view of the memory-mapped file: a checkpoint rewritten while the model
     # is in use must not change (or crash) it, and memory use should be what it seems.
     return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype, copy=True)
 
 
-def stream_folder(folder: str | os.PathLike, *, quantize: str | None = None, dtype=None,
+def stream_folder(folder: str | os.PathLike, *, quantize: str | None = None, dtype=None, calibration=None,
+                  damp: float = 0.01,
                   device: str | torch.device = "cpu", target_modules=None, skip_modules=DEFAULT_SKIP,
                   trust_remote_code: bool = False, mmap_tables: bool = True) -> nn.Module:
     """Returns the causal LM in `folder` loaded tensor by tensor (see the module docstring); no tokenizer."""
@@ -247,17 +335,25 @@ def stream_folder(folder: str | os.PathLike, *, quantize: str | None = None, dty
                getattr(getattr(config, "get_text_config", lambda: config)(), "tie_word_embeddings", False))
     found = _check_complete(model, files, tie)
     targets = quantize_targets(model, target_modules, skip_modules) if quantize else set()
+    gptq = quantize == "nf4-gptq"
+    if gptq and not calibration:
+        raise ConfigError("quantize='nf4-gptq' needs calibration inputs (a list of token-id tensors); pass "
+                          "calibration=..., or quantize='nf4' (round to nearest)")
     try:
-        _materialize(model, files, found, quantize, targets, dtype, device, mmap_tables)
+        # nf4-gptq: the target linears stay on the meta device here and are read one block at a time below
+        _materialize(model, files, found, None if gptq else quantize, set() if gptq else targets, dtype, device,
+                     mmap_tables, defer=targets if gptq else set())
+        if tie:
+            model.tie_weights()
+        narrow = [m for m in model.modules() if id(m) in _table_ids(model) and quantize and dtype is not None
+                  and getattr(m, "weight", None) is not None and m.weight.dtype != dtype]
+        if narrow:  # tables kept as stored (see _materialize): computed in `dtype`
+            from lorakit.model.storage_dtype import keep_storage_dtype
+            keep_storage_dtype(narrow, dtype)
+        if gptq:
+            _gptq_by_block(model, files, found, targets, calibration, dtype, device, damp)
     finally:
         files.close()
-    if tie:
-        model.tie_weights()
-    narrow = [m for m in model.modules() if id(m) in _table_ids(model) and quantize and dtype is not None
-              and getattr(m, "weight", None) is not None and m.weight.dtype != dtype]
-    if narrow:  # tables kept as stored (see _materialize): computed in `dtype`
-        from lorakit.model.storage_dtype import keep_storage_dtype
-        keep_storage_dtype(narrow, dtype)
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if left:
         raise ModelLoadError(f"Checkpoint in {folder} left {len(left)} parameter(s) unloaded: {', '.join(left[:5])}")
@@ -293,12 +389,14 @@ def _resolve(spec) -> tuple[Path, str]:
 
 def load_pretrained_streaming(spec=None, *, quantize: str | None = None, dtype=None,
                               device: str | torch.device = "cpu", target_modules=None,
-                              skip_modules=DEFAULT_SKIP, trust_remote_code: bool = False, mmap_tables: bool = True):
+                              skip_modules=DEFAULT_SKIP, trust_remote_code: bool = False, mmap_tables: bool = True,
+                              calibration=None):
     """Returns (model, tokenizer) like lorakit.models.load_model, loaded tensor by tensor.
 
     spec: None/"default"/"smollm2", a folder with safetensors weights, a .gguf file, or a hub id (downloaded
-    or from the local HF cache). quantize: None or "nf4" (NF4 + double quantization of the target linear
-    layers as they are read). dtype: storage/compute dtype of everything not quantized, and of the 4-bit
+    or from the local HF cache). quantize: None, "nf4" (NF4 + double quantization of the target linear
+    layers as they are read) or "nf4-gptq" (the same format, codes chosen by GPTQ on `calibration`, a list of
+    token-id tensors, one decoder block at a time with the calibration activations carried forward). dtype: storage/compute dtype of everything not quantized, and of the 4-bit
     layers' dequantized weights; None keeps the checkpoint's stored dtype (a bf16 checkpoint stays bf16).
     target_modules: None / "all-linear" or a list of module names (last name part) to quantize; skip_modules:
     name parts never quantized (embeddings and the output head by default). mmap_tables: on the CPU, embedding
@@ -309,7 +407,8 @@ def load_pretrained_streaming(spec=None, *, quantize: str | None = None, dtype=N
     from transformers import AutoTokenizer
     folder, name = _resolve(spec)
     model = stream_folder(folder, quantize=quantize, dtype=dtype, device=device, target_modules=target_modules,
-                          skip_modules=skip_modules, trust_remote_code=trust_remote_code, mmap_tables=mmap_tables)
+                          skip_modules=skip_modules, trust_remote_code=trust_remote_code, mmap_tables=mmap_tables,
+                          calibration=calibration)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:

@@ -20,7 +20,8 @@ def load_for_inference(model_spec: str | None, adapter: str | None, template: st
     prompt and quantization it was trained with; generation and evaluation use the same unless told otherwise
     (quantize: "nf4" or "none"; None = the run's setting, else none; dtype: as `lorakit train --dtype`,
     None = the run's setting, else auto). Safetensors folders, GGUF files and the embedded default load tensor
-    by tensor (lorakit.train.prepare.load_base's rule); nf4-gptq and remote-code models load whole.
+    by tensor (lorakit.train.prepare.load_base's rule, nf4-gptq block by block as training did); remote-code
+    models load whole.
     """
     if quantize not in (None, "none", "nf4", "nf4-gptq"):
         raise ConfigError(f"--quantize {quantize!r}: choose none, nf4 or nf4-gptq")
@@ -40,7 +41,21 @@ def load_for_inference(model_spec: str | None, adapter: str | None, template: st
     how = quantize or run_cfg.get("quantize")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype or run_cfg.get("dtype") or "auto", dev)
-    if streamable(spec, None if how in (None, "none") else how, trust_remote_code):
+    calibration = None
+    if how == "nf4-gptq":  # the same base the adapter trained on: GPTQ on the run's own calibration rows
+        from lorakit.loading.tokenizer import load_tokenizer
+        o = load_options(base={k: v for k, v in run_cfg.items() if k != "resume"})
+        tok = load_tokenizer(spec, trust_remote_code=trust_remote_code)
+        train_ex, _ = tokenize_training(o, load_data(o, tok, lambda *a, **k: None)["train_records"], tok)
+        if not train_ex:
+            raise ConfigError("--quantize nf4-gptq needs the run's training data for calibration; none was found")
+        calibration = calibration_inputs(train_ex, o.quant_calibration)
+    if how == "nf4-gptq" and streamable(spec, "nf4", trust_remote_code):  # as lorakit train streamed it
+        from lorakit.loading.streaming import load_pretrained_streaming
+        model, tokenizer = load_pretrained_streaming(spec, quantize="nf4-gptq", dtype=dt, device=dev,
+                                                     calibration=calibration)
+        calibration = None
+    elif streamable(spec, None if how in (None, "none") else how, trust_remote_code):
         from lorakit.loading.streaming import load_pretrained_streaming
         model, tokenizer = load_pretrained_streaming(spec, quantize="nf4" if how == "nf4" else None, dtype=dt,
                                                      device=dev)
@@ -52,13 +67,8 @@ def load_for_inference(model_spec: str | None, adapter: str | None, template: st
         if how == "nf4":
             from lorakit.model.quantize import quantize as quantize_model
             model = quantize_model(model) or model
-    if how == "nf4-gptq":  # the same base the adapter trained on: GPTQ on the run's own calibration rows
-        o = load_options(base={k: v for k, v in run_cfg.items() if k != "resume"})
-        train_ex, _ = tokenize_training(o, load_data(o, tokenizer, lambda *a, **k: None)["train_records"], tokenizer)
-        if not train_ex:
-            raise ConfigError("--quantize nf4-gptq needs the run's training data for calibration; none was found")
-        quantize_gptq(model, calibration_inputs(train_ex, o.quant_calibration),
-                      log=lambda msg: print(msg, file=sys.stderr))  # stdout may be --json
+    if calibration is not None:  # the whole-model loader: GPTQ over the loaded model
+        quantize_gptq(model, calibration, log=lambda msg: print(msg, file=sys.stderr))  # stdout may be --json
     if adapter:
         lorakit.load_adapter(model, adapter)
     model.eval()

@@ -14,9 +14,10 @@ from lorakit.train.runtime import model_device, resolve_device
 SMALL_MODEL_PARAMS = 1_000_000_000  # below this, plain NF4 rounding measurably hurts (README, QLoRA)
 
 
-def prepare_model(o: TrainOptions, log=print):
-    """Returns (model, tokenizer) loaded for the options, on o.device, quantized when quantize=nf4."""
-    return load_base(o, log)
+def prepare_model(o: TrainOptions, log=print, calibration=None):
+    """Returns (model, tokenizer) loaded for the options, on o.device, quantized when quantize=nf4 (and with
+    nf4-gptq when the streaming loader takes the model and `calibration` rows are given)."""
+    return load_base(o, log, calibration)
 
 
 def resolve_dtype(dtype: str, device) -> str | None:
@@ -82,7 +83,7 @@ def plan_or_refuse(o: TrainOptions, dtype: str | None, device):
     return plan
 
 
-def load_base(o: TrainOptions, log=print):
+def load_base(o: TrainOptions, log=print, calibration=None):
     """Returns (model, tokenizer): the base model of the options, on o.device, in o.dtype, quantized as asked.
 
     Safetensors folders, GGUF files and the embedded default load tensor by tensor (quantized to NF4 as they
@@ -96,7 +97,16 @@ def load_base(o: TrainOptions, log=print):
     if quantize:  # a quantized run is about memory: freed buffers go back to the OS at once (a few % of step time)
         from lorakit.loading.allocator import return_freed_memory_promptly
         return_freed_memory_promptly()
-    if streamable(o.model, quantize, o.trust_remote_code):
+    if quantize == "nf4-gptq" and calibration and streamable(o.model, "nf4", o.trust_remote_code):
+        # GPTQ while streaming: one decoder block in full precision at a time, activations carried forward
+        from lorakit.loading.streaming import load_pretrained_streaming
+        t0 = time.time()
+        log(f"quantizing the base to NF4 with GPTQ rounding on {len(calibration)} calibration rows, decoder block by "
+            f"decoder block while loading ...")
+        model, tokenizer = load_pretrained_streaming(o.model, quantize="nf4-gptq", dtype=dtype, device=device,
+                                                     calibration=calibration)
+        log(f"quantized in {time.time() - t0:.0f} s")
+    elif streamable(o.model, quantize, o.trust_remote_code):
         from lorakit.loading.streaming import load_pretrained_streaming
         model, tokenizer = load_pretrained_streaming(o.model, quantize=quantize, dtype=dtype, device=device)
     else:

@@ -31,6 +31,7 @@ import torch
 
 import lorakit
 from lorakit.errors import ConfigError, DataError  # noqa: F401  (re-exported: old import path)
+from lorakit.model.quantize import is_quantized
 from lorakit.train.batching import DataPosition, iterate_batches, resolve_padding_free, total_steps
 from lorakit.train.checkpoint import (find_latest_checkpoint, load_checkpoint, prune_checkpoints,  # noqa: F401
                                       resolve_resume, save_checkpoint)
@@ -108,9 +109,9 @@ class Recipe:
         d = self.data
         self.say(f"data: {d.stats.get('rows', len(d.train_records))} training rows ({len(d.train_examples)} "
                  f"examples), {len(d.eval_records)} held-out rows; loading model {self.o.model} ...")
-        self.model, self.tokenizer = prepare_model(self.o, self.say)
-        if self.o.quantize == "nf4-gptq" and d.calibration:
-            quantize_gptq(self.model, d.calibration, self.say)
+        self.model, self.tokenizer = prepare_model(self.o, self.say, d.calibration)
+        if self.o.quantize == "nf4-gptq" and d.calibration and not is_quantized(self.model):
+            quantize_gptq(self.model, d.calibration, self.say)  # the whole-model loader's path
 
     def setup_data(self) -> None:
         """Reads and tokenizes the training and held-out rows, with the tokenizer alone when no model is loaded."""
