@@ -11,8 +11,8 @@ Same base (the embedded SmolLM2-135M-Instruct, loaded by lorakit.loading.pretrai
 training rows, chat template and masks, 60 steps of batch 8, AdamW lr 1e-3 (betas 0.9/0.999, no weight decay,
 clip 1.0) with lorakit's warmup + cosine schedule (TRL gets it as a LambdaLR over lorakit's lr_factor), LoRA r=16
 alpha=32 on all linear layers, seed S; fp32, no gradient checkpointing, no evaluation during training, no
-checkpoint beyond lorakit's defaults. The LoRA init's random draw differs (PEFT draws its own A), so accuracies
-differ by that draw; the 3 seeds show the spread.
+checkpoint beyond lorakit's defaults. Both draw the LoRA init from the same seed in the same
+module order (measured 2026-11-28: the two runs end at the same loss and accuracy); the 3 seeds show the spread.
 
 Recorded per run: whole wall (process start to exit), training time (the run's own train loop), tokens/s of
 real (non-pad) tokens over the training time, padded tokens per real token, peak RssAnon, final loss, held-out
