@@ -192,3 +192,15 @@ def test_every_layer_dequantizes_into_the_same_two_buffers():
     assert sorted(k[2] for k in pool) == ["down_proj", "gate_up_proj"]
     size = {n: s.shape.numel() for m in owners(model) for n, s in quantized_experts(m).items()}
     assert all(buf.numel() == size[k[2]] for k, buf in pool.items())
+
+
+def test_streaming_loader_quantizes_fused_expert_tensors_as_it_reads_them(tmp_path):
+    from safetensors.torch import save_file
+    from lorakit.loading.streaming import stream_folder
+    fp32 = base()
+    fp32.config.save_pretrained(tmp_path)  # fused 3-D tensors under the model's own names (no conversion needed)
+    save_file({k: v.contiguous().clone() for k, v in fp32.state_dict().items()},
+              str(tmp_path / "model.safetensors"))
+    model = stream_folder(tmp_path, quantize="nf4")
+    assert len(owners(model)) == len(model.model.layers) and not is_4bit(model.model.layers[0].mlp.gate.weight)
+    assert (logits(model) - logits(quantize(base()))).abs().max() <= 1e-5

@@ -6,6 +6,7 @@
                                    a target nn.Linear + quantize="nf4": quantize to NF4 + double quantization
                                                                         (lorakit.ops.nf4.quantize_linear), drop the
                                                                         full-precision weight
+                                   a routed-experts 3-D tensor + "nf4": NF4 per expert (lorakit.ops.nf4_experts)
                                    anything else: cast to `dtype` (default: the checkpoint's own) on `device`
     tied parameters (lm_head = embed_tokens) share one tensor; non-persistent buffers (rotary inv_freq) are
     computed by the modules' constructors, as from_pretrained does.
@@ -25,7 +26,7 @@ from torch import nn
 from lorakit.errors import ConfigError, ModelLoadError
 from lorakit.loading.checkpoint_files import CheckpointFiles, open_checkpoint
 from lorakit.loading.pretrained import finish_loaded
-from lorakit.model.targets import output_head
+from lorakit.model.targets import expert_modules, expert_parameters, is_router, output_head
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +89,12 @@ def quantize_targets(model: nn.Module, target_modules=None, skip_modules=DEFAULT
         target_modules = [target_modules]
     wanted = None if target_modules in (None, "all-linear") else set(target_modules)
     skip = set(skip_modules or ())
+    moe = bool(expert_modules(model))
     out = set()
     for name, m in model.named_modules():
         parts = name.split(".")
-        if type(m) is not nn.Linear or id(m) in heads or skip & set(parts):
-            continue
+        if type(m) is not nn.Linear or id(m) in heads or skip & set(parts) or (moe and is_router(name, m)):
+            continue  # a MoE router stays full precision, as lorakit.model.quantize keeps it
         if wanted is None or parts[-1] in wanted:
             out.add(name)
     return out
@@ -155,6 +157,7 @@ def _check_complete(model: nn.Module, files: CheckpointFiles, tie: bool) -> dict
 def _materialize(model: nn.Module, files: CheckpointFiles, found: dict[str, str], quantize: str | None,
                  targets: set[str], dtype: torch.dtype | None, device: torch.device) -> None:
     from lorakit.ops.nf4 import quantize_linear, release_freed_memory
+    from lorakit.ops.nf4_experts import quantize_experts
     done: dict[str, nn.Parameter] = {}  # checkpoint name -> loaded parameter (tied weights share it)
     for mname, module in list(model.named_modules()):
         prefix = f"{mname}." if mname else ""
@@ -172,6 +175,7 @@ def _materialize(model: nn.Module, files: CheckpointFiles, found: dict[str, str]
             setattr(model.get_submodule(parent) if parent else model, child, new)
             release_freed_memory()  # bitsandbytes' fp32 temporaries leave heap holes between 4-bit codes
             continue
+        experts = set(expert_parameters(module)) if quantize else set()  # MoE 3-D tensors: NF4 per expert
         for pname, p in list(module._parameters.items()):
             if p is None or p.device.type != "meta":
                 continue
@@ -183,6 +187,9 @@ def _materialize(model: nn.Module, files: CheckpointFiles, found: dict[str, str]
                 continue
             done[stored] = module._parameters[pname] = nn.Parameter(_private(files.read(stored), dtype, device),
                                                                     requires_grad=p.requires_grad)
+            if pname in experts:  # as soon as read: one full-precision expert tensor alive at a time
+                quantize_experts(module, pname, quantize)
+                release_freed_memory()
         for bname, b in list(module._buffers.items()):
             if b is None:
                 continue
