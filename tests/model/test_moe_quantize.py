@@ -204,3 +204,13 @@ def test_streaming_loader_quantizes_fused_expert_tensors_as_it_reads_them(tmp_pa
     model = stream_folder(tmp_path, quantize="nf4")
     assert len(owners(model)) == len(model.model.layers) and not is_4bit(model.model.layers[0].mlp.gate.weight)
     assert (logits(model) - logits(quantize(base()))).abs().max() <= 1e-5
+
+
+def test_memory_report_counts_4bit_experts_as_quantized_parameters():
+    from lorakit.model.memory import memory_report
+    model = quantize(base())
+    stores = [s for m in owners(model) for s in quantized_experts(m).values()]
+    report = memory_report(model)
+    linear = sum(m.in_features * m.out_features for m in model.modules() if is_4bit(m))  # attention projections
+    assert report["quantized_params"] == linear + sum(s.shape.numel() for s in stores)
+    assert 4 < report["bits_per_quantized_param"] < 5
