@@ -214,3 +214,29 @@ def test_memory_report_counts_4bit_experts_as_quantized_parameters():
     linear = sum(m.in_features * m.out_features for m in model.modules() if is_4bit(m))  # attention projections
     assert report["quantized_params"] == linear + sum(s.shape.numel() for s in stores)
     assert 4 < report["bits_per_quantized_param"] < 5
+
+
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm"])
+def test_the_models_other_experts_implementations_read_the_4bit_experts(implementation):
+    # eager indexes one expert at a time (autograd saves per-expert views: backward dequantizes just that expert)
+    model = qlora()
+    dense = dequantize(copy.deepcopy(model))
+    for m in (model, dense):
+        m.config._experts_implementation = implementation
+    assert model.model.layers[0].mlp.experts.owner.config._experts_implementation == implementation
+    assert (logits(model) - logits(dense)).abs().max() <= 1e-4
+    got, want = _grads(model), _grads(dense)
+    assert set(got) == set(want)
+    for n in got:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_adapter_batches_on_4bit_experts(tmp_path):
+    lorakit.save_adapter(qlora(seed=1), tmp_path / "b")
+    model = qlora()
+    lorakit.load_adapter(model, tmp_path / "b", adapter_name="b")
+    with torch.no_grad():
+        mixed = model(input_ids=IDS, adapter_names=["b", "__base__"]).logits
+    lorakit.set_adapter(model, "b")
+    torch.testing.assert_close(mixed[0], logits(model)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], logits(lorakit.unload(model))[1], rtol=1e-5, atol=1e-5)
