@@ -240,3 +240,24 @@ def test_mixed_adapter_batches_on_4bit_experts(tmp_path):
     lorakit.set_adapter(model, "b")
     torch.testing.assert_close(mixed[0], logits(model)[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mixed[1], logits(lorakit.unload(model))[1], rtol=1e-5, atol=1e-5)
+
+
+def test_requantizing_merge_without_example_inputs_reports_the_expert_weight_change(monkeypatch):
+    import lorakit.model.merge as merge_module
+    monkeypatch.setattr(merge_module, "default_example_inputs", lambda model: None)
+    with pytest.warns(RequantizationWarning, match=r"max \|weight difference\| = (?!0 )"):
+        lorakit.merge_and_unload(qlora(), requantize=True)
+
+
+def test_4bit_experts_survive_pickling_and_a_dtype_cast(tmp_path):
+    model = qlora()
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert loaded.model.layers[0].mlp.experts.owner.forward.owner is loaded.model.layers[0].mlp.experts.owner
+    assert (logits(loaded) - logits(model)).abs().max() == 0
+    stats = [s.absmax2.clone() for m in owners(model) for s in quantized_experts(m).values()]
+    model.to(torch.bfloat16)  # the statistics stay exact; the dequantized experts follow the cast
+    assert all(torch.equal(a, s.absmax2) for a, s in zip(stats, [s for m in owners(model)
+                                                                  for s in quantized_experts(m).values()]))
+    out = logits(model)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

@@ -7,7 +7,7 @@
 
 The codes live in `owner.nf4_experts[name]` (an `NF4Experts` of buffers, so .to(device) moves them) and the
 name leaves `owner._parameters`; `expert_tensors(owner)` lists parameters and NF4 stores together (same
-shapes). `quantize_experts(owner, name)` installs a forward on the module instance that runs its own class
+shapes). `quantize_experts(owner, name)` installs a forward on the module instance (QuantizedForward) that runs its own class
 forward inside `dense_experts(owner)`, so transformers' eager, grouped_mm and batched_mm experts
 implementations read the weights as before and only one dequantized copy per tensor name exists at a time.
 Backward: autograd saves views of the workspace (for the input's gradient); lorakit.ops.recompute stores them
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import types
 
 import torch
 from torch import nn
@@ -26,6 +25,14 @@ from lorakit.ops import recompute
 from lorakit.ops.nf4 import dequantize_into, require_backend
 
 STORE = "nf4_experts"  # the submodule of an experts module holding its 4-bit tensors
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def _float(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.float32) if t.dtype == torch.int32 else t
 
 
 class NF4Experts(nn.Module):
@@ -72,21 +79,30 @@ class NF4Experts(nn.Module):
             if self.nested:
                 offset.append(st.offset.reshape(()))
                 absmax2.append(st.state2.absmax)
-        self.codes, self.absmax, self.code = torch.stack(codes), torch.stack(absmax), st.code.float()
+        # fp32 statistics are kept bit-cast to int32: model.to(dtype) / .half() cast only floating buffers, and
+        # these must stay exact (as bitsandbytes' QuantState, which is no buffer, does for Linear4bit).
+        self.codes, self.absmax, self.code = torch.stack(codes), _bits(torch.stack(absmax)), _bits(st.code.float())
         if self.nested:
-            self.offset, self.absmax2, self.code2 = torch.stack(offset), torch.stack(absmax2), st.state2.code.float()
-            self.blocksize2 = st.state2.blocksize
+            self.offset, self.absmax2 = _bits(torch.stack(offset).float()), _bits(torch.stack(absmax2).float())
+            self.code2, self.blocksize2 = _bits(st.state2.code.float()), st.state2.blocksize
+
+    def _apply(self, fn, recurse=True):
+        # The dequantized dtype follows a model-wide dtype cast as a parameter's would (the codes cannot).
+        probe = fn(torch.empty(0, dtype=self.weight_dtype, device=self.codes.device))
+        if probe.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            self.weight_dtype = probe.dtype
+        return super()._apply(fn, recurse)
 
     def quant_state(self, e: int):
         """Returns bitsandbytes' QuantState of expert e (views of the stacked buffers)."""
         from bitsandbytes.functional import QuantState
         state2 = None
         if self.nested:
-            state2 = QuantState(absmax=self.absmax2[e].float(), code=self.code2.float(), blocksize=self.blocksize2,
+            state2 = QuantState(absmax=_float(self.absmax2[e]), code=_float(self.code2), blocksize=self.blocksize2,
                                 dtype=torch.float32)
-        return QuantState(absmax=self.absmax[e], shape=self.shape[1:], code=self.code.float(),
+        return QuantState(absmax=_float(self.absmax[e]), shape=self.shape[1:], code=_float(self.code),
                           blocksize=self.blocksize, quant_type=self.quant_type, dtype=self.weight_dtype,
-                          offset=self.offset[e].float() if self.nested else None, state2=state2)
+                          offset=_float(self.offset[e]) if self.nested else None, state2=state2)
 
     @torch.no_grad()
     def dequantize(self, out: torch.Tensor | None = None, first: int = 0, last: int | None = None) -> torch.Tensor:
@@ -97,6 +113,11 @@ class NF4Experts(nn.Module):
         for i, e in enumerate(range(first, last)):
             dequantize_into(self.codes[e], self.quant_state(e), out[i])
         return out
+
+    def roundtrip(self, weight: torch.Tensor) -> torch.Tensor:
+        """Returns what quantize→dequantize with this store's settings does to `weight` (the store is untouched)."""
+        w = weight.to(self.device)
+        return NF4Experts(w, self.quant_type, self.nested, self.blocksize).to(dtype=self.weight_dtype).dequantize()
 
     def rebuild(self, shape, stride, offset) -> torch.Tensor:
         """Returns a saved view of the dequantized tensor, dequantizing only the experts it covers (backward)."""
@@ -129,9 +150,17 @@ def expert_tensors(owner: nn.Module) -> dict:
     return {k: out[k] for k in order if k in out} | out if order else out
 
 
-def _forward(self, *args, **kwargs):
-    with dense_experts(self):
-        return type(self).forward(self, *args, **kwargs)
+class QuantizedForward:
+    """An experts module's forward while its tensors are 4-bit: the class forward with the weights bound.
+
+    An object, not a bound function, so that deepcopy and pickle of the model keep it (bound to the copy)."""
+
+    def __init__(self, owner: nn.Module):
+        self.owner = owner
+
+    def __call__(self, *args, **kwargs):
+        with dense_experts(self.owner):
+            return type(self.owner).forward(self.owner, *args, **kwargs)
 
 
 def quantize_experts(owner: nn.Module, name: str, quant_type: str = "nf4", double_quant: bool = True,
@@ -144,7 +173,7 @@ def quantize_experts(owner: nn.Module, name: str, quant_type: str = "nf4", doubl
         owner.add_module(STORE, nn.ModuleDict())
     owner._modules[STORE][name] = store
     del owner._parameters[name]
-    owner.forward = types.MethodType(_forward, owner)  # the instance's forward: the class forward, weights bound
+    owner.__dict__["forward"] = QuantizedForward(owner)  # the instance's forward (nn.Module calls self.forward)
     return store
 
 
