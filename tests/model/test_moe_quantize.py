@@ -261,3 +261,11 @@ def test_4bit_experts_survive_pickling_and_a_dtype_cast(tmp_path):
                                                                   for s in quantized_experts(m).values()]))
     out = logits(model)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_parameter_counts_and_the_saved_base_identity_include_the_4bit_experts():
+    from lorakit.io.peft_format import base_identity
+    from lorakit.model.summary import trainable_parameters
+    fp, q = base(), quantize(base())
+    assert base_identity(q)["base_parameters"] == base_identity(fp)["base_parameters"]
+    assert trainable_parameters(q)[1] == trainable_parameters(fp)[1]

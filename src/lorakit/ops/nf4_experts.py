@@ -141,6 +141,11 @@ def quantized_experts(owner: nn.Module) -> dict[str, NF4Experts]:
     return dict(store.items()) if store is not None else {}
 
 
+def quantized_numel(model: nn.Module) -> int:
+    """Returns the number of weights `model`'s 4-bit expert stores represent (they are buffers, not parameters)."""
+    return sum(int(s.shape.numel()) for m in model.modules() for s in quantized_experts(m).values())
+
+
 def expert_tensors(owner: nn.Module) -> dict:
     """Returns `owner`'s parameters and 4-bit expert stores by name, in registration order (stores answer
     .shape, .dim(), .dtype and .device like the parameters they replaced)."""
