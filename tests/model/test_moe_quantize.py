@@ -269,3 +269,13 @@ def test_parameter_counts_and_the_saved_base_identity_include_the_4bit_experts()
     fp, q = base(), quantize(base())
     assert base_identity(q)["base_parameters"] == base_identity(fp)["base_parameters"]
     assert trainable_parameters(q)[1] == trainable_parameters(fp)[1]
+
+
+@pytest.mark.parametrize("shape,double_quant", [((6, 128, 64), True), ((5, 96, 40), True), ((3, 64, 64), False)])
+def test_one_call_dequantization_equals_expert_by_expert(shape, double_quant, monkeypatch):
+    torch.manual_seed(0)
+    store = NF4Experts(torch.randn(shape) * 0.02, double_quant=double_quant)
+    fused = store.dequantize()
+    monkeypatch.setattr(NF4Experts, "fused_dequantize", False)
+    torch.testing.assert_close(fused, store.dequantize(), rtol=0, atol=0)
+    torch.testing.assert_close(store.dequantize(first=1, last=3), fused[1:3], rtol=0, atol=0)

@@ -110,9 +110,31 @@ class NF4Experts(nn.Module):
         last = self.shape[0] if last is None else last
         if out is None:
             out = torch.empty((last - first, *self.shape[1:]), dtype=self.weight_dtype, device=self.device)
-        for i, e in enumerate(range(first, last)):
-            dequantize_into(self.codes[e], self.quant_state(e), out[i])
+        a, b = self.shape[1:]
+        if (a * b) % self.blocksize or b % 2 or last - first < 2 or not self.fused_dequantize:
+            for i, e in enumerate(range(first, last)):
+                dequantize_into(self.codes[e], self.quant_state(e), out[i])
+            return out
+        # No block straddles two experts: the range is one NF4 matrix (k·a, b) with fp32 block scales, one kernel
+        # call instead of one per expert (128 experts x 2 tensors x every layer add up).
+        from bitsandbytes.functional import QuantState
+        state = QuantState(absmax=self._block_scales(first, last), shape=torch.Size(((last - first) * a, b)),
+                           code=_float(self.code), blocksize=self.blocksize, quant_type=self.quant_type,
+                           dtype=self.weight_dtype)
+        dequantize_into(self.codes[first:last].reshape(-1), state, out.view(-1, b))
         return out
+
+    fused_dequantize = True  # class default; False dequantizes expert by expert (the reference in tests)
+
+    def _block_scales(self, first: int, last: int) -> torch.Tensor:
+        # The per-64 absmax of experts first..last-1 as fp32, flat: double quantization's 8-bit codes times their
+        # per-256 scale plus the expert's offset (what bitsandbytes' dequantize_blockwise computes per expert).
+        absmax = self.absmax[first:last]
+        if not self.nested:
+            return _float(absmax).reshape(-1)
+        nb = absmax.shape[1]
+        scale = _float(self.absmax2[first:last]).repeat_interleave(self.blocksize2, dim=1)[:, :nb]
+        return (_float(self.code2)[absmax.long()] * scale + _float(self.offset[first:last]).unsqueeze(1)).reshape(-1)
 
     def roundtrip(self, weight: torch.Tensor) -> torch.Tensor:
         """Returns what quantize→dequantize with this store's settings does to `weight` (the store is untouched)."""
