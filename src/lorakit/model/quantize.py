@@ -65,8 +65,9 @@ def quantize(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_qu
              hessian_budget: int = 256 * 2 ** 20) -> nn.Module:
     """Returns `model` with its nn.Linear layers replaced in place by 4-bit bitsandbytes Linear4bit layers.
 
-    Embeddings, norms and the output head (`get_output_embeddings()` / `lm_head`) stay in full precision, as
-    do modules whose dotted name contains an entry of `skip` and LoRA factors. Works before and after
+    Embeddings, norms, MoE routers and the output head (`get_output_embeddings()` / `lm_head`) stay in full
+    precision, as do modules whose dotted name contains an entry of `skip` and LoRA factors. Routed experts'
+    3-D tensors are stored NF4 per expert (lorakit.ops.nf4_experts; round to nearest, also with calibration). Works before and after
     `lorakit.inject` (a LoRA wrapper's base layer is quantized under it). Quantization runs on each weight's
     own device: move the model to CUDA first to quantize there.
 
