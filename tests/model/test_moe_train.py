@@ -71,3 +71,22 @@ def test_router_aux_loss_enters_the_training_loss(files):
     assert float(with_aux) == pytest.approx(float(plain) + 0.01 * float(aux) * n, rel=1e-5)
     model.eval()
     assert float(loss_sum(model, batch)[0]) == pytest.approx(float(plain), rel=1e-5)  # evaluation: no router term
+
+
+def test_train_tiny_moe_with_quantize_nf4_stores_the_experts_4bit(files, tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    from lorakit.ops import nf4_experts
+    stored = []
+    real = nf4_experts.quantize_experts
+    monkeypatch.setattr(nf4_experts, "quantize_experts", lambda *a, **k: stored.append(a[1]) or real(*a, **k))
+    import lorakit.model.quantize as mq
+    monkeypatch.setattr(mq, "quantize_experts", nf4_experts.quantize_experts)
+    out = tmp_path / "run"
+    rc = main(["train", "--model", files["model"], "--data", files["train"], "--out", str(out), "--max-steps", "2",
+               "--batch-size", "4", "--lr", "5e-3", "--r", "4", "--quantize", "nf4", "--no-progress",
+               "--no-baseline-eval", "--no-accuracy", "warmup_steps=1"])
+    assert rc == 0
+    assert sorted(set(stored)) == ["down_proj", "gate_up_proj"] and len(stored) == 4  # 2 layers x 2 tensors
+    from safetensors.torch import load_file
+    keys = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any(k.endswith("experts.lora_B.weight") and v.abs().sum() > 0 for k, v in keys.items())

@@ -31,6 +31,7 @@ from lorakit.model.targets import (base_of, drop_inside_saved, expand_all_linear
                                    find_targets, matching_modules, output_head, plain_modules, skipped_linears,
                                    split_linear_weights)
 from lorakit.ops.nf4 import numel_4bit_aware
+from lorakit.ops.nf4_experts import quantized_numel
 from lorakit.variants.init import BASE_INITS
 
 CONFIG_NAME = "adapter_config.json"
@@ -209,7 +210,7 @@ def base_identity(model: nn.Module) -> dict:
                 ident[field] = getattr(cfg, field)
     base = sum(numel_4bit_aware(p) for n, p in model.named_parameters()
                if "lora_" not in n and ".modules_to_save." not in n)
-    ident["base_parameters"] = int(base)
+    ident["base_parameters"] = int(base + quantized_numel(model))  # 4-bit MoE experts count as their weights
     return ident
 
 

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import torch
 
+from lorakit.ops.nf4_experts import expert_tensors
+
 _PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
 
 
 def supports(owner) -> bool:
     """Returns True for a transformers experts module this grouped forward reproduces exactly."""
     cfg = getattr(owner, "config", None)
-    return (all(hasattr(owner, a) for a in ("has_gate", "has_bias", "is_transposed", "num_experts", "down_proj"))
+    return (all(hasattr(owner, a) for a in ("has_gate", "has_bias", "is_transposed", "num_experts"))
+            and "down_proj" in expert_tensors(owner)  # a parameter, or its 4-bit store
             and not getattr(owner, "has_post_expert_norm", False) and not getattr(owner, "_is_expert_parallel", False)
             and getattr(cfg, "_experts_implementation", None) in ("eager", "grouped_mm", "batched_mm")
             and _grouped_linear() is not None)
@@ -37,7 +40,8 @@ def _grouped_linear():
 
 def _project(x, owner, name: str, bias, offsets, loras, pair_masks) -> torch.Tensor:
     grouped = _grouped_linear()
-    W = owner._parameters[name]
+    W = owner.__dict__.get(name)  # 4-bit experts: bound to the dequantized tensor for this call
+    W = owner._parameters[name] if W is None else W
     out = grouped(x, W, offsets, bias=bias, is_transposed=owner.is_transposed)
     for A3, B3, scale, adapter in loras:  # A3: (E, r, in), B3: (E, out, r), both in (experts, out, in) layout
         low = _low_rank(x.to(A3.dtype), A3, offsets)

@@ -25,6 +25,8 @@ from torch import nn
 
 from lorakit.errors import ConfigError
 from lorakit.layers.base import LoraLayer
+from lorakit.ops import recompute
+from lorakit.ops.nf4_experts import dense_experts, expert_tensors, quantized_experts
 
 
 def owner_of(module: nn.Module) -> nn.Module:
@@ -32,34 +34,6 @@ def owner_of(module: nn.Module) -> nn.Module:
     while isinstance(module, LoraParam):
         module = module.base_layer
     return module
-
-
-_RECIPES: dict[int, object] = {}  # storage pointer of a live W_eff -> a function rebuilding it
-
-
-def _pack(t: torch.Tensor):
-    rebuild = _RECIPES.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
-    if rebuild is None:
-        return t
-    return (_pack, rebuild, t.shape, t.stride(), t.storage_offset())
-
-
-def _unpack(packed):
-    if isinstance(packed, tuple) and packed and packed[0] is _pack:
-        _, rebuild, shape, stride, offset = packed
-        with torch.no_grad():
-            return rebuild().as_strided(shape, stride, offset)
-    return packed
-
-
-def _foreign_saved_tensor_hooks() -> bool:
-    # Another saved-tensor hook (e.g. non-reentrant activation checkpointing) must keep control: ours would
-    # shadow it for every tensor saved inside the experts module.
-    try:
-        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    except Exception:  # private API moved: do not recompute
-        return True
-    return top is not None and top[0] is not _pack
 
 
 class LoraParam(LoraLayer):
@@ -72,7 +46,7 @@ class LoraParam(LoraLayer):
         super().__init__(base_layer)
         self.parameter_name = parameter_name
         owner = owner_of(base_layer)
-        p = owner._parameters.get(parameter_name)
+        p = expert_tensors(owner).get(parameter_name)  # a parameter, or its NF4 store (same shape)
         if p is None:
             raise ConfigError(f"target_parameters: {type(owner).__name__} has no parameter {parameter_name!r}")
         self.is_transposed = bool(getattr(owner, "is_transposed", False)) and p.dim() == 3
@@ -108,7 +82,22 @@ class LoraParam(LoraLayer):
 
     @property
     def base_weight(self) -> torch.Tensor:
-        return self.owner._parameters[self.parameter_name]
+        """Returns the parameter, or its NF4 store (lorakit.ops.nf4_experts) when the experts are 4-bit."""
+        return expert_tensors(self.owner)[self.parameter_name]
+
+    def _store(self):
+        return quantized_experts(self.owner).get(self.parameter_name)
+
+    def read_base_fp32(self) -> torch.Tensor:
+        store = self._store()
+        return store.dequantize().float() if store is not None else super().read_base_fp32()
+
+    def write_base_fp32(self, w32: torch.Tensor) -> None:
+        store = self._store()
+        if store is not None:  # merging into 4-bit experts re-quantizes them, as LoraLinear does on Linear4bit
+            store.requantize(w32)
+        else:
+            super().write_base_fp32(w32)
 
     def expert_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (lhs, rhs) with delta = scale·lhs@rhs shaped like the parameter: (E, out, r)@(E, r, in), or
@@ -144,32 +133,47 @@ class LoraParam(LoraLayer):
         live = self.live
         if not live:
             return self.base_layer(*args, **kwargs)
-        owner, pname = self.owner, self.parameter_name
-        if self._grouped_ok(owner):
-            return self._grouped_forward(owner, *args, **kwargs)
+        owner = self.owner
+        with dense_experts(owner):  # 4-bit experts: each tensor dequantized for this call (no-op otherwise)
+            if self._grouped_ok(owner):
+                return self._grouped_forward(owner, *args, **kwargs)
+            return self._effective_weight_forward(owner, live, *args, **kwargs)
+
+    def _effective_weight_forward(self, owner, live, *args, **kwargs):
+        pname = self.parameter_name
         if self.row_adapters is not None:
             raise ConfigError(f"adapter_names (mixed-adapter batches) is not supported on {type(owner).__name__} "
                               f"({self.parameter_name}): lorakit runs per-row adapters only through the grouped "
                               f"experts path (transformers' experts modules); run one adapter per call instead")
-        W = owner._parameters[pname]
+        bound = pname in owner.__dict__  # a 4-bit tensor, dequantized into a workspace by dense_experts
+        W = owner.__dict__[pname] if bound else owner._parameters[pname]
         with torch.autocast(device_type=W.device.type, enabled=False):
             W_eff = self.effective_weight(W, live)
-        recompute = (self.recompute_weight and W_eff.requires_grad and torch.is_grad_enabled()
-                     and not _foreign_saved_tensor_hooks())
-        key = W_eff.untyped_storage().data_ptr()
-        if recompute:
-            _RECIPES[key] = lambda: self.effective_weight(W, live).detach()
-        del owner._parameters[pname]
-        owner.__dict__[pname] = W_eff
+        recompute_ok = (self.recompute_weight and W_eff.requires_grad and torch.is_grad_enabled()
+                        and recompute.hook_state() != "foreign")
+        key = None
+        if recompute_ok:
+            # a bound workspace holds another layer's weight by backward: dequantize again from the codes
+            base = (lambda: quantized_experts(owner)[pname].dequantize()) if bound else (lambda: W)
+            key = recompute.register(W_eff, recompute.whole(lambda: self.effective_weight(base(), live).detach()))
+        if bound:
+            owner.__dict__[pname] = W_eff
+        else:
+            del owner._parameters[pname]
+            owner.__dict__[pname] = W_eff
         try:
-            if not recompute:
+            if not recompute_ok:
                 return self.base_layer(*args, **kwargs)
-            with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            with recompute.hooks():
                 return self.base_layer(*args, **kwargs)
         finally:
-            del owner.__dict__[pname]
-            owner._parameters[pname] = W
-            _RECIPES.pop(key, None)
+            if bound:
+                owner.__dict__[pname] = W
+            else:
+                del owner.__dict__[pname]
+                owner._parameters[pname] = W
+            if key is not None:
+                recompute.release(key)
 
     # ---------------------------------------------------------------- grouped path (lorakit.layers.experts)
     use_grouped = True  # class default; False forces the effective-weight path

@@ -6,6 +6,7 @@
                                    a target nn.Linear + quantize="nf4": quantize to NF4 + double quantization
                                                                         (lorakit.ops.nf4.quantize_linear), drop the
                                                                         full-precision weight
+                                   a routed-experts 3-D tensor + "nf4": NF4 per expert (lorakit.ops.nf4_experts)
                                    anything else: cast to `dtype` (default: the checkpoint's own) on `device`
                                    an embedding table or the output head kept in its stored dtype on the CPU
                                    (mmap_tables=True, the default): a view of the file's private memory map
@@ -35,7 +36,7 @@ from torch import nn
 from lorakit.errors import ConfigError, ModelLoadError
 from lorakit.loading.checkpoint_files import CheckpointFiles, open_checkpoint
 from lorakit.loading.pretrained import finish_loaded
-from lorakit.model.targets import output_head
+from lorakit.model.targets import expert_modules, expert_parameters, is_router, output_head
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,12 @@ def quantize_targets(model: nn.Module, target_modules=None, skip_modules=DEFAULT
         target_modules = [target_modules]
     wanted = None if target_modules in (None, "all-linear") else set(target_modules)
     skip = set(skip_modules or ())
+    moe = bool(expert_modules(model))
     out = set()
     for name, m in model.named_modules():
         parts = name.split(".")
-        if type(m) is not nn.Linear or id(m) in heads or skip & set(parts):
-            continue
+        if type(m) is not nn.Linear or id(m) in heads or skip & set(parts) or (moe and is_router(name, m)):
+            continue  # a MoE router stays full precision, as lorakit.model.quantize keeps it
         if wanted is None or parts[-1] in wanted:
             out.add(name)
     return out
@@ -171,6 +173,7 @@ def _materialize(model: nn.Module, files: CheckpointFiles, found: dict[str, str]
                  targets: set[str], dtype: torch.dtype | None, device: torch.device, mmap_tables: bool = False,
                  defer: set[str] = frozenset()) -> None:
     from lorakit.ops.nf4 import quantize_linear, release_freed_memory
+    from lorakit.ops.nf4_experts import quantize_experts
     done: dict[str, nn.Parameter] = {}  # checkpoint name -> loaded parameter (tied weights share it)
     tables = _table_ids(model) if mmap_tables and device.type == "cpu" else set()
     for mname, module in list(model.named_modules()):
@@ -191,6 +194,7 @@ def _materialize(model: nn.Module, files: CheckpointFiles, found: dict[str, str]
             setattr(model.get_submodule(parent) if parent else model, child, new)
             release_freed_memory()  # bitsandbytes' fp32 temporaries leave heap holes between 4-bit codes
             continue
+        experts = set(expert_parameters(module)) if quantize else set()  # MoE 3-D tensors: NF4 per expert
         for pname, p in list(module._parameters.items()):
             if p is None or p.device.type != "meta":
                 continue
@@ -212,6 +216,9 @@ def _materialize(model: nn.Module, files: CheckpointFiles, found: dict[str, str]
 
             done[stored] = module._parameters[pname] = nn.Parameter(
                 _private(files.read(stored), dtype, device) if t is None else t, requires_grad=p.requires_grad)
+            if pname in experts:  # as soon as read: one full-precision expert tensor alive at a time
+                quantize_experts(module, pname, quantize)
+                release_freed_memory()
         for bname, b in list(module._buffers.items()):
             if b is None:
                 continue

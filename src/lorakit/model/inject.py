@@ -24,6 +24,7 @@ from lorakit.model.state import adapter_configs, check_adapter_name, set_adapter
 from lorakit.model.targets import (base_of, drop_inside_saved, expand_all_linear, find_parameter_targets,
                                    find_targets, is_plain_linear, matching_modules, skipped_linears,
                                    split_linear_weights, warn_skipped)
+from lorakit.ops.nf4_experts import expert_tensors
 from lorakit.variants.dora import DORA
 from lorakit.variants.init import BASE_INITS
 
@@ -121,7 +122,7 @@ def wrapper_paths(model: nn.Module, params: list[tuple[str, str]]) -> dict[tuple
         if order and sorted(order) != sorted(pnames):
             raise ConfigError(f"target_parameters: {mname} already has LoRA on {order}; every adapter with "
                               f"target_parameters must target the same parameters (as in PEFT), got {pnames}")
-        order = order or [p for p in owner_of(module)._parameters if p in pnames]
+        order = order or [p for p in expert_tensors(owner_of(module)) if p in pnames]
         for i, p in enumerate(order):
             paths[(mname, p)] = mname + ".base_layer" * (len(order) - 1 - i)
     return paths
@@ -132,7 +133,7 @@ def inject_parameters(model: nn.Module, config: LoraConfig, adapter_name: str, p
     for mname, pnames in _by_module(params).items():
         current = model.get_submodule(mname)
         if not existing_chain(current):
-            for p in [p for p in current._parameters if p in pnames]:
+            for p in [p for p in expert_tensors(current) if p in pnames]:
                 current = LoraParam(current, p)
             set_submodule(model, mname, current)
         layer = current

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lorakit.ops.nf4 import is_4bit, quant_stat_bytes
+from lorakit.ops.nf4_experts import quantized_experts
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -38,8 +39,16 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
             trainable_numel += p.numel()
         else:
             frozen += _nbytes(p)
+    expert_buffers = set()
+    for module in model.modules():  # 4-bit routed experts (lorakit.ops.nf4_experts): codes + statistics in buffers
+        for store in quantized_experts(module).values():
+            n = int(store.shape.numel())
+            quant_params += n
+            quant_bytes += store.nbytes()
+            frozen += store.nbytes()
+            expert_buffers.update(id(b) for b in store.buffers())
     frozen += codebook
-    buffers = sum(_nbytes(b) for b in model.buffers())
+    buffers = sum(_nbytes(b) for b in model.buffers() if id(b) not in expert_buffers)
     grads = trainable
     opt_state = 0
     if optimizer is not None:

@@ -17,6 +17,7 @@ from lorakit.model.mixed_batch import remove_mixed_batch_hook
 from lorakit.model.quantize import dequantize, is_quantized
 from lorakit.model.state import lora_layers, set_adapter_configs, set_submodule
 from lorakit.ops.nf4 import dequantize_weight, is_quantized_layer, roundtrip
+from lorakit.ops.nf4_experts import NF4Experts
 
 
 class RequantizationWarning(UserWarning):
@@ -143,6 +144,10 @@ def merge_and_unload_quantized(model: nn.Module, requantize: bool = False, examp
             if is_quantized_layer(layer.base_layer) and layer.live:
                 exact = dequantize_weight(layer.base_layer) + sum(layer.delta_weight(n) for n in layer.live)
                 weight_change = max(weight_change, (exact - roundtrip(layer.base_layer, exact)).abs().max().item())
+            elif isinstance(layer.base_weight, NF4Experts) and layer.live:  # 4-bit MoE expert tensors
+                exact = layer.read_base_fp32() + sum(layer.delta_weight(n) for n in layer.live)
+                change = (exact - layer.base_weight.roundtrip(exact).float()).abs().max().item()
+                weight_change = max(weight_change, change)
     model = unwrap(model, do_merge=True)  # LoraLinear merges through requantize_weight
     if before is not None:
         after = _run(model, inputs)

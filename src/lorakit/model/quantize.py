@@ -1,8 +1,8 @@
 """Quantize a whole model's frozen base to 4 bits (NF4, round-to-nearest or GPTQ) and back.
 
-`quantize(model)` swaps nn.Linear layers (not embeddings, norms or the output head) for bitsandbytes
-`Linear4bit`, before or after `lorakit.inject` (a wrapper's base layer is swapped under it). With calibration
-inputs the codes are chosen by GPTQ (lorakit.ops.gptq). One weight at a time is lorakit.ops.nf4's job.
+`quantize(model)` swaps nn.Linear layers (not embeddings, norms, MoE routers or the output head) for
+bitsandbytes `Linear4bit` and stores routed experts' 3-D tensors as NF4 per expert (lorakit.ops.nf4_experts),
+before or after `lorakit.inject` (a wrapper's base layer is swapped under it). With calibration inputs the codes are chosen by GPTQ (lorakit.ops.gptq). One weight at a time is lorakit.ops.nf4's job.
 """
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from torch import nn
 
 from lorakit.errors import ConfigError
 from lorakit.layers import LoraLayer, ModulesToSave
+from lorakit.layers.param import owner_of
 from lorakit.model.state import set_submodule
-from lorakit.model.targets import output_head_names
+from lorakit.model.targets import expert_modules, is_router, output_head_names
 from lorakit.ops.gptq import HessianCollector, hessian_bytes, run_calibration
 from lorakit.ops.nf4 import (QUANT_TYPES, dequantize_linear, is_quantized_layer, quantize_linear, release_freed_memory,
                              require_backend)
+from lorakit.ops.nf4_experts import dequantize_experts, quantize_experts, quantized_experts
 
 
 def _named_in(name: str, spec: str) -> bool:
@@ -30,6 +32,7 @@ def _quantizable(model: nn.Module, skip) -> list[tuple[str, nn.Module, nn.Module
     heads = output_head_names(model)
     skip = [skip] if isinstance(skip, str) else list(skip or [])
     found, inside = [], []
+    moe = bool(expert_modules(model))
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in inside):
             continue
@@ -43,7 +46,7 @@ def _quantizable(model: nn.Module, skip) -> list[tuple[str, nn.Module, nn.Module
         if isinstance(module, ModulesToSave):
             inside.append(name + ".")  # trainable copies stay full precision
             continue
-        if type(module) is nn.Linear:
+        if type(module) is nn.Linear and not (moe and is_router(name, module)):  # a router picks experts: exact
             found.append((name, None, module))
     return [(n, o, m) for n, o, m in found
             if n not in heads and not any(_named_in(n, s) for s in skip)]
@@ -62,8 +65,9 @@ def quantize(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_qu
              hessian_budget: int = 256 * 2 ** 20) -> nn.Module:
     """Returns `model` with its nn.Linear layers replaced in place by 4-bit bitsandbytes Linear4bit layers.
 
-    Embeddings, norms and the output head (`get_output_embeddings()` / `lm_head`) stay in full precision, as
-    do modules whose dotted name contains an entry of `skip` and LoRA factors. Works before and after
+    Embeddings, norms, MoE routers and the output head (`get_output_embeddings()` / `lm_head`) stay in full
+    precision, as do modules whose dotted name contains an entry of `skip` and LoRA factors. Routed experts'
+    3-D tensors are stored NF4 per expert (lorakit.ops.nf4_experts; round to nearest, also with calibration). Works before and after
     `lorakit.inject` (a LoRA wrapper's base layer is quantized under it). Quantization runs on each weight's
     own device: move the model to CUDA first to quantize there.
 
@@ -87,9 +91,27 @@ def quantize(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_qu
     else:
         _quantize_gptq(model, targets, calibration, quant_type, double_quant, compute_dtype, block_size, damp,
                        hessian_budget)
-    if targets:
+    experts = _quantize_experts(model, skip, quant_type, double_quant, block_size)
+    if targets or experts:
         release_freed_memory()
     return model
+
+
+def _quantize_experts(model: nn.Module, skip, quant_type: str, double_quant: bool, block_size: int) -> int:
+    # Routed experts' 3-D tensors: NF4 per expert (lorakit.ops.nf4_experts), rounded to nearest also under GPTQ
+    # (its Hessians are per linear layer). The router is an ordinary module and stays full precision.
+    skip = [skip] if isinstance(skip, str) else list(skip or [])
+    done = 0
+    for name, pnames in expert_modules(model):
+        owner = owner_of(model.get_submodule(name))
+        if any(_named_in(name, s) for s in skip):
+            continue
+        for pname in pnames:
+            if pname in owner._parameters and not any(_named_in(f"{name}.{pname}", s) for s in skip):
+                require_backend(owner._parameters[pname].device)
+                quantize_experts(owner, pname, quant_type, double_quant, block_size)
+                done += 1
+    return done
 
 
 def _quantize_gptq(model, targets, calibration, quant_type, double_quant, compute_dtype, block_size, damp, budget):
@@ -136,9 +158,11 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
             swaps.append((name, None, module))
     for name, owner, layer in swaps:
         _replace(model, name, owner, dequantize_linear(layer, dtype))
+    for module in list(model.modules()):
+        dequantize_experts(module, dtype)
     return model
 
 
 def is_quantized(model: nn.Module) -> bool:
-    """Returns True when any layer of `model` has a 4-bit weight."""
-    return any(is_quantized_layer(m) for m in model.modules())
+    """Returns True when any layer of `model` has a 4-bit weight (4-bit expert tensors included)."""
+    return any(is_quantized_layer(m) or quantized_experts(m) for m in model.modules())

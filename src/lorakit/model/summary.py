@@ -8,6 +8,7 @@ from torch import nn
 from lorakit.layers import LoraLayer, LoraParam, ModulesToSave
 from lorakit.model.targets import base_of
 from lorakit.ops.nf4 import numel_4bit_aware
+from lorakit.ops.nf4_experts import quantized_numel
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -17,7 +18,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
         n = numel_4bit_aware(p)
         total += n
         trainable += n if p.requires_grad else 0
-    return trainable, total
+    return trainable, total + quantized_numel(model)  # 4-bit MoE experts are buffers: counted as their weights
 
 
 def summary(model: nn.Module) -> str:

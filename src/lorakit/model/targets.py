@@ -20,6 +20,7 @@ from lorakit.errors import ConfigError, did_you_mean
 from lorakit.layers import LoraLayer, ModulesToSave
 from lorakit.layers.param import owner_of
 from lorakit.layers.registry import is_linear
+from lorakit.ops.nf4_experts import expert_tensors
 
 _LAYER_RE = r".*\.(?:{})\.(\d+)(?:\.|$)"
 _DEFAULT_LAYER_NAMES = "layers|h|layer|blocks|block"
@@ -189,7 +190,7 @@ def expert_parameters(module: nn.Module) -> list[str]:
     order; empty for anything else."""
     owner = owner_of(module)
     n = getattr(owner, "num_experts", None)
-    params = [(k, p) for k, p in owner._parameters.items() if p is not None and p.dim() == 3]
+    params = [(k, p) for k, p in expert_tensors(owner).items() if p.dim() == 3]  # 4-bit stores too
     if not params or (n is None and not type(owner).__name__.endswith("Experts")):
         return []
     return [k for k, p in params if n is None or p.shape[0] == n]
@@ -230,7 +231,7 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[s
     found = []
     for mname, module in plain_modules(model) if wanted else ():
         owner = owner_of(module)
-        for pname, p in owner._parameters.items():
+        for pname, p in expert_tensors(owner).items():
             key = f"{mname}.{pname}" if mname else pname
             if p is not None and (key in wanted or any(key.endswith("." + t) for t in wanted)):
                 if not mname:

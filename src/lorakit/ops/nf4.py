@@ -169,7 +169,7 @@ class Dequantized:
         """Returns the (out, in) weight dequantized into this thread's workspace (valid until the next call)."""
         state = self.weight.quant_state
         out = _workspace(torch.Size(state.shape), state.dtype, self.weight.device)
-        return _dequantize_into(self.weight.data, state, out)
+        return dequantize_into(self.weight.data, state, out)
 
 
 def _cpu_kernel(state):
@@ -193,7 +193,7 @@ def _cpu_kernel_for(quant_type: str, dtype: torch.dtype, blocksize: int, even_2d
     return getattr(lib, f"cdequantize_blockwise_cpu_{quant_type}_{name}", None) if name else None
 
 
-def _dequantize_into(data: torch.Tensor, state, out: torch.Tensor) -> torch.Tensor:
+def dequantize_into(data: torch.Tensor, state, out: torch.Tensor) -> torch.Tensor:
     """Returns `out` holding dequant(data); falls back to bitsandbytes' allocating call where it cannot write there."""
     from bitsandbytes.functional import dequantize_4bit, dequantize_blockwise, get_ptr
     if out.device.type != "cpu":
