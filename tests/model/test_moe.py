@@ -1,9 +1,6 @@
 """LoRA on mixture-of-experts parameters (target_parameters): PEFT parity, adapters, merging, refusals."""
 from __future__ import annotations
 
-import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,27 +9,9 @@ import lorakit
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.layers.param import LoraParam
 from lorakit.model.state import adapter_configs
-
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "architectures.py"
-_spec = importlib.util.spec_from_file_location("lorakit_bench_architectures_moe", _PATH)
-matrix = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(matrix)
+from moe_fixtures import EXPERTS, IDS, base, logits, matrix  # noqa: F401
 
 peft = pytest.importorskip("peft")
-EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
-IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(3))
-_BASES: dict = {}
-
-
-def base(arch="qwen3_moe"):
-    if arch not in _BASES:
-        _BASES[arch] = matrix.build(arch)
-    return copy.deepcopy(_BASES[arch])
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(input_ids=IDS).logits
 
 
 def peft_adapter(tmp_path, arch="qwen3_moe", name="p", **kw):

@@ -4,9 +4,7 @@ only A and B, merges like the 4-bit linear path, and saves the same PEFT files. 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,29 +15,11 @@ from lorakit.model.merge import RequantizationWarning
 from lorakit.model.quantize import dequantize, is_quantized, quantize
 from lorakit.ops.nf4 import is_4bit
 from lorakit.ops.nf4_experts import NF4Experts, quantized_experts
+from moe_fixtures import EXPERTS, IDS, base, logits, matrix  # noqa: F401
 
 pytest.importorskip("bitsandbytes")
 
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "architectures.py"
-_spec = importlib.util.spec_from_file_location("lorakit_bench_architectures_moe_nf4", _PATH)
-matrix = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(matrix)
-
 ARCHS = ["qwen3_moe", "mixtral"]
-EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
-IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(3))
-_BASES: dict = {}
-
-
-def base(arch="qwen3_moe"):
-    if arch not in _BASES:
-        _BASES[arch] = matrix.build(arch)
-    return copy.deepcopy(_BASES[arch])
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(input_ids=IDS).logits
 
 
 def qlora(arch="qwen3_moe", seed=0):
