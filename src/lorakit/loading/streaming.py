@@ -352,7 +352,8 @@ def stream_folder(folder: str | os.PathLike, *, quantize: str | None = None, dty
                      mmap_tables, defer=targets if gptq else set())
         if tie:
             model.tie_weights()
-        narrow = [m for m in model.modules() if id(m) in _table_ids(model) and quantize and dtype is not None
+        tables = _table_ids(model) if quantize and dtype is not None else set()
+        narrow = [m for m in model.modules() if id(m) in tables
                   and getattr(m, "weight", None) is not None and m.weight.dtype != dtype]
         if narrow:  # tables kept as stored (see _materialize): computed in `dtype`
             from lorakit.model.storage_dtype import keep_storage_dtype
