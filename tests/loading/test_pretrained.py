@@ -114,3 +114,28 @@ def test_embedded_default_loads_cached_and_renders_its_chat_template():
     with torch.no_grad():
         loss = model(input_ids=torch.tensor([ex["input_ids"]]), labels=torch.tensor([ex["labels"]])).loss
     assert loss.item() < 5  # a working instruct model, not random weights (ln 49152 = 10.8)
+
+
+@pytest.mark.slow
+def test_embedded_tokenizer_comes_from_the_cache_and_equals_the_gguf_one(monkeypatch, tmp_path):
+    """load_tokenizer reads the converted folder's saved tokenizer (0.3 s) instead of the GGUF (4.5 s): same ids."""
+    from transformers import AutoTokenizer
+
+    from lorakit.loading.tokenizer import load_tokenizer
+    from lorakit.train.data import embedded_dataset, tokenize_records
+
+    M.load_model()  # the cache folder exists
+    gguf = M.embedded_model_path()
+    assert M.cached_tokenizer_folder(gguf) == M.cached_gguf_folder(gguf)
+    assert M.cached_tokenizer_folder(gguf, cache_dir=tmp_path) is None  # nothing converted there: read the GGUF
+    from_gguf = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    from_gguf.pad_token = from_gguf.pad_token or from_gguf.eos_token
+    seen = []
+    real = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: seen.append((a, k)) or real(*a, **k))
+    tok = load_tokenizer(None)
+    assert seen == [((M.cached_gguf_folder(gguf),), {})]
+    records = embedded_dataset()["train"][:200] + embedded_dataset()["eval"]
+    assert tokenize_records(records, tok)[0] == tokenize_records(records, from_gguf)[0]
+    assert (tok.chat_template, tok.pad_token, tok.eos_token) == (from_gguf.chat_template, from_gguf.pad_token,
+                                                                 from_gguf.eos_token)

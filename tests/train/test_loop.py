@@ -80,6 +80,26 @@ def test_lora_plus_puts_b_in_its_own_group(tok):
     assert len(loop.param_groups(model, 1e-3)) == 1  # ratio 1: plain LoRA, one group
 
 
+def test_optimizer_is_fused_where_it_applies_and_updates_like_the_plain_one(tok, examples):
+    from lorakit.train import optim
+    results = []
+    for fused in (True, False):
+        model, opt, sched = setup(tok, dropout=0.0)
+        assert opt.defaults["fused"] is True  # plain fp32 CPU parameters
+        if not fused:  # the same groups and settings through the per-tensor loop
+            opt = torch.optim.AdamW(loop.param_groups(model, 5e-3, lora_plus_ratio=4.0), lr=5e-3)
+            assert not opt.param_groups[0]["fused"]
+            sched = loop.build_scheduler(opt, 2, 6)
+        results.append((run_steps(model, opt, sched, examples, loop.DataPosition(), 4),
+                        torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])))
+    (l0, p0), (l1, p1) = results
+    assert l0 == pytest.approx(l1, rel=1e-5)
+    torch.testing.assert_close(p0, p1, atol=1e-6, rtol=1e-5)
+    cpu = torch.nn.Parameter(torch.zeros(2))
+    assert optim.fused_applies([cpu]) and not optim.fused_applies([cpu, torch.nn.Parameter(torch.zeros(2, device="meta"))])
+    assert not optim.fused_applies([torch.nn.Parameter(torch.zeros(2, dtype=torch.int32), requires_grad=False)])
+
+
 def test_grad_accumulation_equals_one_big_batch(tok, examples):
     from lorakit.train.data import collate
     a, opt_a, _ = setup(tok, dropout=0.0)

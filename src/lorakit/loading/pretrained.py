@@ -139,6 +139,12 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         raise
 
 
+def cached_tokenizer_folder(gguf: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """Returns the converted cache folder of `gguf` when it holds the saved tokenizer, else None (not converted)."""
+    target = _gguf_cache_dir(Path(gguf).expanduser(), cache_dir)
+    return target if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file() else None
+
+
 def cached_gguf_folder(gguf: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """Returns the HF folder converted from `gguf`, converting and caching it first if needed."""
     gguf = Path(gguf).expanduser()

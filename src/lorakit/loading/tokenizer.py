@@ -1,8 +1,9 @@
 """The tokenizer of a model spec, without loading (or converting) its weights: data is checked before the model.
 
     spec                          load_tokenizer(spec)
-    None / "default" / "smollm2"  the embedded SmolLM2's tokenizer, read from its GGUF file (no conversion)
-    a .gguf file                  the tokenizer stored in the GGUF file
+    None / "default" / "smollm2"  the embedded SmolLM2's tokenizer: from its converted cache folder when there is
+                                  one (0.3 s), else read from its GGUF file (4.5 s; no conversion)
+    a .gguf file                  the same: the cache folder's copy, else the tokenizer stored in the GGUF file
     a folder                      AutoTokenizer.from_pretrained(folder) (config.json + tokenizer files)
     a hub id                      AutoTokenizer.from_pretrained(id), from the local cache when the hub is unreachable
 
@@ -25,7 +26,8 @@ def load_tokenizer(spec: str | os.PathLike | None = None, *, trust_remote_code: 
     """
     from transformers import AutoTokenizer
 
-    from lorakit.loading.pretrained import EMBEDDED_NAMES, embedded_model_path, hub_reachable, load_model
+    from lorakit.loading.pretrained import EMBEDDED_NAMES, cached_tokenizer_folder, embedded_model_path, \
+        hub_reachable, load_model
 
     text = "default" if spec is None else str(spec)
     path = Path(text).expanduser()
@@ -34,7 +36,9 @@ def load_tokenizer(spec: str | os.PathLike | None = None, *, trust_remote_code: 
     try:
         if embedded or (path.is_file() and path.suffix.lower() == ".gguf"):
             gguf = embedded_model_path() if embedded else path
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            cached = cached_tokenizer_folder(gguf)  # the tokenizer load_model returns, saved at conversion
+            tok = (AutoTokenizer.from_pretrained(cached) if cached is not None
+                   else AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
         elif path.is_dir() and (path / "config.json").is_file():
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         elif hub_id:

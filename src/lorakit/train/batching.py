@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from lorakit.model.packed_attention import sequence_boundaries
 from lorakit.train.data import IGNORE_INDEX, collate
 
 GROUP_WINDOW = 50  # batches per sorted window (as transformers' LengthGroupedSampler's mega-batches)
@@ -85,7 +86,8 @@ def resolve_padding_free(option: bool | None, model) -> bool:
 
 
 def collate_padding_free(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """Returns one (1, sum of lengths) row {input_ids, labels, position_ids}: the examples back to back."""
+    """Returns one (1, sum of lengths) row {input_ids, labels, position_ids}: the examples back to back, with the
+    row's sequence boundaries as transformers' flash-attention kwargs (cu_seq_lens_q/k, max_length_q/k)."""
     ids: list[int] = []
     labels: list[int] = []
     positions: list[int] = []
@@ -95,7 +97,8 @@ def collate_padding_free(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         ids += list(e["input_ids"])
         labels += ([IGNORE_INDEX] + lab[1:]) if k else lab
         positions += list(e.get("position_ids", range(n)))  # a packed block keeps its own
-    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions])}
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions]),
+            **sequence_boundaries(positions)}
 
 
 def batches_per_epoch(n_examples: int, batch_size: int, world_size: int = 1) -> int:

@@ -1,6 +1,7 @@
 """One optimizer step: the token-summed loss (chunked output head where it is exact), accumulation, NaN checks."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import warnings
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.model.packed_attention import packed_attention
 from lorakit.model.storage_dtype import is_plain_head
 from lorakit.model.targets import output_head
 from lorakit.ops.cross_entropy import linear_cross_entropy
@@ -126,8 +128,15 @@ def train_step(model: nn.Module, micro_batches: Sequence[dict], optimizer, sched
     torchrun every rank skips together. `extra_loss()` (a regulariser, e.g. adaptive rank's orthogonality
     penalty) is added once per step and is not part of the reported loss; `after_update()` runs after a
     successful optimizer.step() while the gradients are still there (adaptive rank's importance update).
-    Batches are moved to the model's device.
+    Batches are moved to the model's device. Packed (padding-free) batches attend per example
+    (lorakit.model.packed_attention) for the whole step, recomputed forwards of checkpointed layers included.
     """
+    packed = any("cu_seq_lens_q" in b for b in micro_batches)
+    with packed_attention(model) if packed else contextlib.nullcontext():
+        return _train_step(model, micro_batches, optimizer, scheduler, max_grad_norm, extra_loss, after_update)
+
+
+def _train_step(model, micro_batches, optimizer, scheduler, max_grad_norm, extra_loss, after_update) -> StepResult:
     model.train()
     device = model_device(model)
     micro_batches = [to_device(b, device) for b in micro_batches]
