@@ -5,6 +5,9 @@
     python bench/evidence.py --only exp1,exp3     run some experiments (the docs show only what ran)
     python bench/evidence.py --reuse              keep results already in the work folder (resume a broken run)
     python bench/evidence.py --report-only        re-render the docs from the saved results, running nothing
+    python bench/evidence.py --report-only --work bench/results/evidence
+                                                  the same from the committed JSON results of the last full run
+                                                  (RANK.md also needs that run's adapters: kept only where it ran)
 
 Timings are checked for a quiet machine (bench/machine.py): a configuration that ran while other processes
 used more than 0.25 cores is re-measured (--remeasure, after waiting --max-wait s for the machine to go idle),
@@ -443,13 +446,18 @@ def machine() -> dict:
             "commit": commit + (" (src/ has uncommitted changes)" if dirty else "")}
 
 
-def previous_run(work: Path, m: dict, t_start: float, started: str) -> tuple[dict, float, str]:
-    """Returns (machine, start time, start text) of the run that wrote work/'s results (for --report-only).
+def previous_run(work: Path, m: dict, t_start: float, started: str) -> tuple[dict, float, str, float | None]:
+    """Returns (machine, start time, start text, wall seconds or None) of the run that wrote work/'s results.
 
-    The machine line is the last one results.log holds; the start is the earliest result file's mtime minus
-    its wall time. Falls back to the given values when the folder has neither.
+    From work/run.json when the run wrote one (it survives copying and git, unlike file times); else the
+    machine line is the last one results.log holds and the start is the earliest result file's mtime minus its
+    wall time. Falls back to the given values when the folder has neither.
     """
     import ast
+    saved = work / "run.json"
+    if saved.exists():
+        run = json.loads(saved.read_text())
+        return run["machine"], run["t_start"], run["started"], run["elapsed_s"]
     log = work / "results.log"
     lines = [l for l in log.read_text().splitlines() if " machine: " in l] if log.exists() else []
     if lines:
@@ -458,7 +466,7 @@ def previous_run(work: Path, m: dict, t_start: float, started: str) -> tuple[dic
         except (ValueError, SyntaxError):
             pass
     starts = []
-    for f in work.glob("*.json"):
+    for f in work.glob("exp*.json"):
         try:
             starts.append(f.stat().st_mtime - json.loads(f.read_text()).get("wall_s", 0))
         except (OSError, ValueError):
@@ -466,7 +474,7 @@ def previous_run(work: Path, m: dict, t_start: float, started: str) -> tuple[dic
     if starts:
         t_start = min(starts)
         started = datetime.datetime.fromtimestamp(t_start).astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    return m, t_start, started
+    return m, t_start, started, None
 
 
 def header(m: dict, command: str, started: str, seeds: str) -> str:
@@ -605,7 +613,7 @@ def report_exp2(res: dict, hdr: str, targets: list) -> str:
     lines.append(
         f"Same data, steps ({ref['steps']}), batch 8, warmup 6 + cosine, gradient clipping 1.0 and seed for every "
         f"method. LoRA/QLoRA/DoRA: r=16, alpha=32, all-linear, lr 1e-3 — `lorakit train` defaults, run through "
-        f"`lorakit.train.recipe.train`. Full fine-tuning: AdamW on all {ref['total_params']:,} parameters in a "
+        f"`lorakit.train.recipe.train`. Full fine-tuning: AdamW on all {ref['total_params']:,} parameters in "
         f"the same recipe with every parameter trainable instead of LoRA. Held-out accuracy: exact match of greedy "
         f"answers on {ref['n_eval']} held-out rows (1 row = {100 / ref['n_eval']:.2f} pt), one seed ({EXP2_SEED}): "
         f"differences of a few points are within noise.\n")
@@ -901,7 +909,7 @@ def main(argv=None) -> int:
 
     m = machine()
     if args.report_only:  # describe the run that produced the cached results, not this moment
-        m, t_start, started = previous_run(work, m, t_start, started)
+        m, t_start, started, saved_elapsed = previous_run(work, m, t_start, started)
     log(f"machine: {m}")
     command = "python bench/evidence.py" + (" --quick" if args.quick else "") + \
         (f" --only {','.join(only)}" if only != ["exp1", "exp2", "exp3"] else "")
@@ -911,7 +919,13 @@ def main(argv=None) -> int:
     res2 = run_exp2(run, args.quick) if "exp2" in only else None
     res3 = run_exp3(run, args.quick, res2) if "exp3" in only else None
     res1 = run_exp1(run, seeds) if "exp1" in only else None
-    elapsed = (run.last_result_time or time.time()) - t_start if args.report_only else time.time() - t_start
+    if args.report_only:
+        elapsed = saved_elapsed or (run.last_result_time or time.time()) - t_start
+    else:
+        elapsed = time.time() - t_start
+        # what --report-only needs to describe this run later, wherever the JSON results are copied to
+        (work / "run.json").write_text(json.dumps({"machine": m, "t_start": t_start, "started": started,
+                                                   "elapsed_s": elapsed}, indent=1) + "\n")
     m_end = machine()
     targets: list = []
     parts = []
@@ -925,11 +939,12 @@ def main(argv=None) -> int:
         parts.append(report_exp3(res3, header(m, command, started, f"{EXP2_SEED}")))
     quick_note = ("\n> **QUICK RUN (smoke test)**: tiny splits, a few steps, small held-out sets. These numbers "
                   "only show the script works; run `python bench/evidence.py` for the real ones.\n" if args.quick else "")
-    loads = [json.loads(f.read_text()).get("load_end") for f in work.glob("*.json")]
-    loads = [x for x in loads if x is not None]
-    load_note = (f" The 1-minute load average at the end of each configuration ranged {min(loads):.1f}-"
-                 f"{max(loads):.1f} on {m['cores']} cores: above {m['cores']} other processes were competing, "
-                 f"so times per step are upper bounds." if loads else "")
+    verdicts = [timing_verdict(json.loads(f.read_text())) for f in sorted(work.glob("exp*.json"))]
+    n_quiet = verdicts.count("quiet")
+    # the load average counts the configuration's own threads (2 on this machine), so it says little; the
+    # per-configuration check (other processes' CPU time while it ran) is what decides a timing's mark
+    load_note = (f" Timings: {n_quiet} of {len(verdicts)} configurations ran on a quiet machine (other processes "
+                 f"used <= {quiet.MAX_OTHER} cores while each ran){'; the others are marked †' if n_quiet < len(verdicts) else ''}." if verdicts else "")
     summary = ["| target | measured | verdict |", "|---|---|---|"]
     summary += [f"| {t} | {v} | {met(ok)} |" for t, v, ok in targets]
     doc = [f"# Results: LoRA's claims, measured on this CPU\n",
@@ -937,9 +952,9 @@ def main(argv=None) -> int:
            "command below each heading. Companion page: [RANK.md](RANK.md).\n", quick_note,
            f"Whole run: `{command}`, {elapsed / 60:.1f} min wall, started {started}"
            f"{' (this page re-rendered from its saved results with `--report-only`)' if args.report_only else ''}"
-           f"; load average at the end "
-           f"{m_end['load'][0]:.2f} / {m_end['load'][1]:.2f} / {m_end['load'][2]:.2f} (other work on the machine "
-           f"inflates times; memory and accuracy do not depend on it).{load_note}\n",
+           + ("" if args.report_only else  # the load now is not the run's
+              f"; load average at the end {m_end['load'][0]:.2f} / {m_end['load'][1]:.2f} / {m_end['load'][2]:.2f}")
+           + f" (other work on the machine inflates times; memory and accuracy do not depend on it).{load_note}\n",
            "## Targets\n", "\n".join(summary) if targets else "(no target could be evaluated)", "\n",
            "\n\n".join(parts), "\n" + TIMING_NOTE.format(max_other=quiet.MAX_OTHER) + "\n"]
     DOCS.mkdir(exist_ok=True)

@@ -1,6 +1,6 @@
 """On a CUDA device (bench/gpu_check.sh runs these on a lent GPU; skipped without one): the fused LoRA kernels in
 bf16 against the dense equation, merge, mixed-adapter batches, gradient checkpointing with CPU offload, the
-chunked loss head, and the one-pass held-out evaluation.
+chunked loss head, the one-pass held-out evaluation, and per-example attention on padding-free rows.
 
 LORAKIT_TEST_DEVICE=cpu runs the same tests on the CPU (bench/gpu_check.sh --device cpu --small: the rehearsal).
 """
@@ -164,6 +164,25 @@ def test_one_pass_heldout_answers_equal_generate():
             for p in (heldout.render_prompt(r, tok, "alpaca") for r in rows)]
     got = heldout.evaluate_heldout(model, tok, rows, "alpaca", batch_size=4, max_new_tokens=5)
     assert got.answers == want and got.target_tokens > 0
+
+
+def test_packed_rows_attend_per_example_in_bf16():
+    from lorakit.model.packed_attention import packed_attention
+    from lorakit.train.batching import collate_padding_free
+    model = tiny_llama()
+    model.config._attn_implementation = "sdpa"
+    g = torch.Generator().manual_seed(3)
+    rows = [{"input_ids": torch.randint(3, 211, (int(n),), generator=g).tolist()} for n in (9, 23, 4, 17)]
+    free = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in collate_padding_free(rows).items()
+            if k != "labels"}
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=torch.tensor([r["input_ids"]], device=DEVICE)).logits[0] for r in rows])
+        masked = model(**free, use_cache=False).logits[0]
+        with packed_attention(model) as switched:
+            packed = model(**free, use_cache=False).logits[0]
+    assert switched
+    torch.testing.assert_close(packed.float(), alone.float(), **BF16)
+    torch.testing.assert_close(packed.float(), masked.float(), **BF16)
 
 
 def test_qlora_nf4_layer_trains_on_the_device():

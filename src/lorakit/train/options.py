@@ -65,7 +65,8 @@ class _RunOptions:
                                  "order; off by default: on the default data it makes batches single-task and the "
                                  "60-step run learns less (docs/JOB.md)")
     padding_free: bool | None = _opt(None, "each batch as ONE row: its examples back to back with their own position ids "
-                              "(no padding at all, the same loss per example: attention is masked block-diagonally). "
+                              "(no padding at all, the same loss per example; sdpa models attend per example, others "
+                              "through a block-diagonal mask). "
                               "Default: on where that is exact (Llama-style models: llama, mistral, qwen2, qwen3, "
                               "phi3), off elsewhere")
     skip_bad_rows: bool = _opt(False, "skip malformed data rows (and count them) instead of stopping")
