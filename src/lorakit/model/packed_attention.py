@@ -23,6 +23,7 @@ without the boundaries (padded eval batches, generation, a sliding window shorte
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator, Sequence
 
 import torch
@@ -56,17 +57,13 @@ def packed_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")
+    layout = _layout(tuple(cu.tolist()), query.device) if cu is not None else None
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    longest = kwargs.get("max_length_q") or 0
-    if (cu is None or query.shape[0] != 1 or key.shape[2] != query.shape[2] or kwargs.get("cache") is not None
-            or (window and longest > window)):
+    if (layout is None or query.shape[0] != 1 or key.shape[2] != query.shape[2]  # a KV cache: not a packed row
+            or layout[0].numel() != query.shape[2] or (window and layout[2] > window)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    bounds = cu.tolist()
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    n, longest = len(lengths), max(lengths)
-    # row of token t in the padded (n * longest) layout: example i's j-th token sits at i * longest + j
-    index = torch.cat([torch.arange(k) + i * longest for i, k in enumerate(lengths)]).to(query.device)
+    index, n, longest = layout
 
     def pad(x: torch.Tensor) -> torch.Tensor:  # (1, h, T, D) -> (n, h, longest, D)
         tokens = x[0].transpose(0, 1)  # (T, h, D)
@@ -78,6 +75,17 @@ def packed_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tenso
                                          enable_gqa=query.shape[1] != key.shape[1])
     out = out.transpose(1, 2).reshape(n * longest, out.shape[1], out.shape[3]).index_select(0, index)
     return out.unsqueeze(0), None
+
+
+@functools.lru_cache(maxsize=8)
+def _layout(bounds: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """Returns (index, examples, longest) for a packed row: token t of the row sits at index[t] of the padded
+    (examples * longest) layout (example i's j-th token at i * longest + j). Cached: every layer of a forward
+    (and its checkpoint recompute) asks for the same row's layout."""
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    longest = max(lengths)
+    index = torch.cat([torch.arange(k) + i * longest for i, k in enumerate(lengths)]).to(device)
+    return index, len(lengths), longest
 
 
 def register() -> None:
